@@ -1,0 +1,36 @@
+"""batchnorm_ext: batch normalization for PyTorch on the CPU, with one-pass Welford
+statistics, as custom operators with autograd.
+
+    import batchnorm_ext
+    bn = batchnorm_ext.BatchNorm2d(64)            # a drop-in for torch.nn.BatchNorm2d
+    y = batchnorm_ext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+    model = batchnorm_ext.convert_model(model)    # every torch.nn.BatchNorm*d swapped
+"""
+from . import _C
+from ._ops import ops
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+
+__version__ = "0.1.0"
+
+
+def cpu_capability():
+    """The instruction set the kernels use: 'AVX512', 'AVX2' or 'DEFAULT'."""
+    return _C.cpu_capability()
+
+
+def set_cpu_capability(name):
+    """Use the kernels built for `name` ('AVX512', 'AVX2' or 'DEFAULT'); the CPU must have it."""
+    _C.set_cpu_capability(name)
+
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "batch_norm",
+    "convert_model",
+    "cpu_capability",
+    "set_cpu_capability",
+    "ops",
+]

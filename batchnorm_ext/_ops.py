@@ -1,0 +1,114 @@
+"""The operators of batchnorm_ext._C, and their fake kernels.
+
+The fake kernels tell torch.compile and torch.export (and the meta device) the shapes,
+dtypes and memory formats of the outputs without running the kernels, and raise the same
+errors for bad arguments.
+"""
+import torch
+from torch._prims_common import suggest_memory_format
+
+from . import _C  # noqa: F401  (loading the library registers the operators)
+
+ops = torch.ops.batchnorm_ext
+
+_FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_REDUCED = (torch.bfloat16, torch.float16)
+_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+          torch.float16: "Half"}
+
+
+def _stat_dtype(input):
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def check_inputs(input, weight, bias, running_mean, running_var):
+    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), for the fake kernels."""
+    if input.dtype not in _FLOATING:
+        name = str(input.dtype).replace("torch.", "")
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
+    if input.dim() < 2:
+        raise RuntimeError(
+            "batch_norm: expected input of shape (N, C, *) with at least 2 dimensions, "
+            f"but got a {input.dim()}-D input of size {list(input.shape)}")
+    named = [("weight", weight), ("bias", bias), ("running_mean", running_mean),
+             ("running_var", running_var)]
+    given = [(name, p) for name, p in named if p is not None]
+    for name, p in given:
+        if p.device != input.device:
+            raise RuntimeError(f"Tensor on device {p.device} is not on the expected device "
+                               f"{input.device}!")
+        torch._check(p.numel() == input.shape[1], lambda: (
+            f"{name} should contain {input.shape[1]} elements not {p.numel()}"))
+    param_dtype = given[0][1].dtype if given else input.dtype
+    if param_dtype == input.dtype:
+        for _, p in given:
+            if p.dtype != input.dtype:
+                raise RuntimeError(f"expected scalar type {_NAMES[input.dtype]} but found "
+                                   f"{_NAMES.get(p.dtype, p.dtype)}")
+        return input.dtype
+    for _, p in given:
+        if p.dtype != torch.float32:
+            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+    if input.dtype not in _REDUCED:
+        raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+    return torch.float32
+
+
+def check_functional_args(input, training, eps, running_mean, running_var):
+    """The checks of csrc/autograd.cpp (check_functional_args): torch.nn.functional's."""
+    if training:
+        size = list(input.shape)
+        values = size[0] if size else 0
+        for s in size[2:]:
+            values *= s
+        if values == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {input.shape}")
+        if eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must either both be None or neither "
+                             "be None")
+    else:
+        if eps < 0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
+
+
+@torch.library.register_fake("batchnorm_ext::batch_norm_forward")
+def _forward_fake(input, weight, bias, running_mean, running_var, training, eps):
+    check_inputs(input, weight, bias, running_mean, running_var)
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    output = torch.empty_like(input, memory_format=suggest_memory_format(input))
+    stat_size = input.shape[1] if training else 0
+    save_mean = input.new_empty((stat_size,), dtype=_stat_dtype(input))
+    save_var = input.new_empty((stat_size,), dtype=_stat_dtype(input))
+    return output, save_mean, save_var
+
+
+@torch.library.register_fake("batchnorm_ext::batch_norm_backward")
+def _backward_fake(grad_output, input, weight, running_mean, running_var, save_mean, save_var,
+                   training, eps, output_mask):
+    param_dtype = check_inputs(input, weight, None, running_mean, running_var)
+    channels = input.shape[1]
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        grad_input = torch.empty_like(input, memory_format=suggest_memory_format(input))
+    if output_mask[1]:
+        grad_weight = input.new_empty((channels,), dtype=param_dtype)
+    if output_mask[2]:
+        grad_bias = input.new_empty((channels,), dtype=param_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("batchnorm_ext::update_running_stats_")
+def _update_fake(running_mean, running_var, batch_mean, batch_var, count, momentum,
+                 num_batches_tracked):
+    if momentum is None and num_batches_tracked is None:
+        raise RuntimeError("update_running_stats_: momentum=None (cumulative average) needs "
+                           "num_batches_tracked")
+    return None

@@ -1,0 +1,248 @@
+// Autograd for the operators, in C++ so that the eager path stays short, and the
+// composite batch_norm that modules call.
+//
+// batch_norm_forward's backward calls batch_norm_backward.  batch_norm_backward is itself
+// differentiable: when a gradient of the gradient is wanted (create_graph=True), it is
+// computed from ATen operations that autograd can differentiate again; otherwise it runs
+// the kernel.  Forward-mode AD is in Python (batchnorm_ext/_autograd.py): a C++ autograd
+// Function has no jvp.
+#include "checks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+namespace batchnorm_ext {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+Tensor or_undefined(const optional<Tensor>& t) { return given(t) ? *t : Tensor(); }
+optional<Tensor> or_none(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
+
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor>;
+
+const auto& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("batchnorm_ext::batch_norm_forward", "")
+                             .typed<ForwardResult(const Tensor&, const optional<Tensor>&,
+                                                  const optional<Tensor>&, const optional<Tensor>&,
+                                                  const optional<Tensor>&, bool, double)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("batchnorm_ext::batch_norm_backward", "")
+          .typed<ForwardResult(const Tensor&, const Tensor&, const optional<Tensor>&,
+                               const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+                               const Tensor&, bool, double, std::array<bool, 3>)>();
+  return op;
+}
+
+const auto& update_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("batchnorm_ext::update_running_stats_", "")
+          .typed<void(Tensor&, Tensor&, const Tensor&, const Tensor&, c10::SymInt,
+                      optional<double>, const optional<Tensor>&)>();
+  return op;
+}
+
+// Running statistics are buffers, never differentiated: as native, refuse ones that require grad.
+void check_not_requiring_grad(const optional<Tensor>& running_mean,
+                              const optional<Tensor>& running_var) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"},
+                                   std::pair{&running_var, "running_var"}}) {
+    TORCH_CHECK(!given(*stat) || !(*stat)->requires_grad(),
+                "batch_norm is not differentiable with respect to argument '", name,
+                "'. This input cannot have requires_grad True.");
+  }
+}
+
+class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const optional<Tensor>& weight, const optional<Tensor>& bias,
+                               const optional<Tensor>& running_mean,
+                               const optional<Tensor>& running_var, bool training, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [output, save_mean, save_var] =
+        forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
+    // Running statistics are needed (and saved) only in eval; in training the caller updates
+    // them in place after this returns.
+    ctx->save_for_backward({input, or_undefined(weight),
+                            training ? Tensor() : or_undefined(running_mean),
+                            training ? Tensor() : or_undefined(running_var), save_mean, save_var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({save_mean, save_var});
+    return {output, save_mean, save_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) return variable_list(7);
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      ctx->needs_input_grad(2)};
+    auto [grad_input, grad_weight, grad_bias] = backward_op().call(
+        grad_output, saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]), saved[4],
+        saved[5], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
+    return {grad_input, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+ForwardResult batch_norm_forward_autograd(const Tensor& input, const optional<Tensor>& weight,
+                                          const optional<Tensor>& bias,
+                                          const optional<Tensor>& running_mean,
+                                          const optional<Tensor>& running_var, bool training,
+                                          double eps) {
+  check_not_requiring_grad(running_mean, running_var);
+  const variable_list out =
+      BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, eps);
+  return {out[0], out[1], out[2]};
+}
+
+// batch_norm_backward written with differentiable ATen operations: used only when its own
+// result must be differentiated (double backward).  The batch statistics are recomputed
+// from `input` so that their dependence on it is part of the graph.
+ForwardResult differentiable_backward(const Tensor& grad_output, const Tensor& input,
+                                      const optional<Tensor>& weight,
+                                      const optional<Tensor>& running_mean,
+                                      const optional<Tensor>& running_var, bool training,
+                                      double eps, std::array<bool, 3> mask) {
+  const int64_t channels = input.size(1);
+  std::vector<int64_t> reduce_dims = {0}, shape(input.dim(), 1);
+  for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);
+  shape[1] = channels;
+  const auto opmath = at::toOpMathType(input.scalar_type());
+  const Tensor x = input.to(opmath), dy = grad_output.to(opmath);
+
+  Tensor mean, invstd;
+  if (training) {
+    mean = x.mean(reduce_dims, /*keepdim=*/true);
+    invstd = ((x - mean).square().mean(reduce_dims, true) + eps).rsqrt();
+  } else {
+    mean = running_mean->to(opmath).reshape(shape);
+    invstd = (running_var->to(opmath) + eps).rsqrt().reshape(shape);
+  }
+  const Tensor x_hat = (x - mean) * invstd;
+  const Tensor w = given(weight) ? weight->to(opmath).reshape(shape) : at::ones({}, x.options());
+  const Tensor sum_dy = dy.sum(reduce_dims, true);
+  const Tensor sum_dy_xhat = (dy * x_hat).sum(reduce_dims, true);
+
+  Tensor grad_input, grad_weight, grad_bias;
+  if (mask[0]) {
+    if (training) {
+      const double n = double(input.numel()) / double(channels);
+      grad_input = (dy - sum_dy / n - x_hat * (sum_dy_xhat / n)) * (invstd * w);
+    } else {
+      grad_input = dy * (invstd * w);
+    }
+    grad_input = grad_input.to(input.scalar_type());
+  }
+  const auto param_type = given(weight) ? weight->scalar_type() : input.scalar_type();
+  if (mask[1]) grad_weight = sum_dy_xhat.reshape({channels}).to(param_type);
+  if (mask[2]) grad_bias = sum_dy.reshape({channels}).to(param_type);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tensor& input,
+                                           const optional<Tensor>& weight,
+                                           const optional<Tensor>& running_mean,
+                                           const optional<Tensor>& running_var,
+                                           const Tensor& save_mean, const Tensor& save_var,
+                                           bool training, double eps, std::array<bool, 3> mask) {
+  const bool differentiate = at::GradMode::is_enabled() &&
+                             (grad_output.requires_grad() || input.requires_grad() ||
+                              (given(weight) && weight->requires_grad()));
+  if (differentiate) {
+    return differentiable_backward(grad_output, input, weight, running_mean, running_var,
+                                   training, eps, mask);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(grad_output, input, weight, running_mean, running_var, save_mean,
+                            save_var, training, eps, mask);
+}
+
+// What torch.nn.functional.batch_norm (and aten::batch_norm) do before the kernel, with
+// the same exception types: ValueError for a single value per channel and for eps in
+// training, RuntimeError for sizes, dtypes and missing running statistics.
+void check_functional_args(const Tensor& input, bool training, double eps,
+                           const optional<Tensor>& running_mean,
+                           const optional<Tensor>& running_var) {
+  if (training) {
+    c10::SymInt values = input.dim() > 0 ? input.sym_size(0) : c10::SymInt(0);
+    for (int64_t d = 2; d < input.dim(); ++d) values *= input.sym_size(d);
+    if (values == 1) {
+      std::ostringstream sizes;
+      sizes << "torch.Size([";
+      for (int64_t d = 0; d < input.dim(); ++d) sizes << (d ? ", " : "") << input.sym_size(d);
+      sizes << "])";
+      TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input size ",
+                        sizes.str());
+    }
+    TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", eps);
+    TORCH_CHECK_VALUE(given(running_mean) == given(running_var),
+                      "running_mean and running_var must either both be None or neither be None");
+  } else {
+    TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
+    TORCH_CHECK(given(running_mean), "running_mean must be defined in evaluation mode");
+    TORCH_CHECK(given(running_var), "running_var must be defined in evaluation mode");
+  }
+}
+
+// batch_norm: checks, the differentiable forward, and in training the update of the
+// running statistics (not differentiated).  CompositeImplicitAutograd: torch.compile
+// traces through it and sees the functional forward and the in-place update apart.
+Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
+                  const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                  const optional<Tensor>& running_var, bool training, optional<double> momentum,
+                  double eps, const optional<Tensor>& num_batches_tracked) {
+  check_functional_args(input, training, eps, running_mean, running_var);
+  if (input.sym_numel() == 0) {
+    // As aten::batch_norm: an empty batch gives an empty output, still connected to the
+    // weight and bias for autograd, and leaves the running statistics alone.
+    Tensor out = input.clone();
+    if (given(weight)) out = out * (*weight)[0];
+    if (given(bias)) out = out + (*bias)[0];
+    return out;
+  }
+  check_inputs(input, weight, bias, running_mean, running_var);
+  check_not_requiring_grad(running_mean, running_var);
+  auto [output, save_mean, save_var] =
+      forward_op().call(input, weight, bias, training ? std::nullopt : running_mean,
+                        training ? std::nullopt : running_var, training, eps);
+  if (training && given(running_mean)) {
+    at::NoGradGuard no_grad;
+    Tensor rm = *running_mean, rv = *running_var;
+    update_op().call(rm, rv, save_mean, save_var, input.sym_numel() / input.sym_size(1), momentum,
+                     num_batches_tracked);
+  }
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchnorm_ext, Autograd, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(batchnorm_ext, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm", &batch_norm);
+}
+
+}  // namespace batchnorm_ext

@@ -1,0 +1,251 @@
+// The CPU operators: they check their arguments, bring the input into a layout the kernels
+// read (contiguous or channels-last), allocate the outputs and call the kernels chosen for
+// this CPU (cpu/dispatch.cpp).
+#include "checks.h"
+#include "cpu/kernel_api.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+namespace batchnorm_ext {
+
+using at::Tensor;
+using std::optional;
+
+namespace {
+
+const char* name_of(c10::ScalarType t) { return c10::toString(t); }
+
+void check_parameter(const Tensor& input, const optional<Tensor>& param, const char* what) {
+  if (!param.has_value() || !param->defined()) return;
+  TORCH_CHECK(param->device() == input.device(), "Tensor on device ", param->device(),
+              " is not on the expected device ", input.device(), "!");
+  const c10::SymInt channels = input.sym_size(1);
+  TORCH_CHECK(param->sym_numel() == channels, what, " should contain ", channels,
+              " elements not ", param->sym_numel());
+}
+
+}  // namespace
+
+c10::ScalarType check_inputs(const Tensor& input, const optional<Tensor>& weight,
+                             const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                             const optional<Tensor>& running_var) {
+  const c10::ScalarType input_type = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      input_type == at::kFloat || input_type == at::kDouble || input_type == at::kBFloat16 ||
+          input_type == at::kHalf,
+      "\"batch_norm\" not implemented for '", name_of(input_type), "'");
+  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected input of shape (N, C, *) with at least 2 ",
+              "dimensions, but got a ", input.dim(), "-D input of size ", input.sizes());
+
+  check_parameter(input, weight, "weight");
+  check_parameter(input, bias, "bias");
+  check_parameter(input, running_mean, "running_mean");
+  check_parameter(input, running_var, "running_var");
+
+  // The parameter dtype is that of the first one given; "mixed" when it is not the input's.
+  const optional<Tensor>* params[] = {&weight, &bias, &running_mean, &running_var};
+  optional<c10::ScalarType> param_type;
+  for (const optional<Tensor>* p : params) {
+    if (p->has_value() && (*p)->defined() && !param_type) param_type = (*p)->scalar_type();
+  }
+  if (!param_type || *param_type == input_type) {
+    for (const optional<Tensor>* p : params) {
+      if (p->has_value() && (*p)->defined()) {
+        TORCH_CHECK((*p)->scalar_type() == input_type, "expected scalar type ",
+                    name_of(input_type), " but found ", name_of((*p)->scalar_type()));
+      }
+    }
+    return input_type;
+  }
+  for (const optional<Tensor>* p : params) {
+    if (p->has_value() && (*p)->defined()) {
+      TORCH_CHECK((*p)->scalar_type() == at::kFloat,
+                  "mixed dtype (CPU): expect parameter to have scalar type of Float");
+    }
+  }
+  TORCH_CHECK(input_type == at::kBFloat16 || input_type == at::kHalf,
+              "mixed dtype (CPU): all inputs must share same datatype.");
+  return at::kFloat;
+}
+
+namespace {
+
+// A parameter as a contiguous tensor for the kernels, or nullptr when absent.
+Tensor contiguous_or_undefined(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// The layout the kernels read, for a tensor already contiguous in `format`.
+cpu::Geometry geometry_of(const Tensor& x, at::MemoryFormat format) {
+  const int64_t batch = x.size(0);
+  const int64_t channels = x.size(1);
+  const int64_t inner = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
+  // Rows of C values: channels-last memory, and any tensor with nothing after C.
+  const bool channels_last = format != at::MemoryFormat::Contiguous || inner == 1;
+  return {channels_last ? cpu::Layout::ChannelsLast : cpu::Layout::ChannelsFirst, batch,
+          channels, inner};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+    double eps) {
+  const c10::ScalarType param_type = check_inputs(input, weight, bias, running_mean, running_var);
+  const bool have_running = running_mean.has_value() && running_mean->defined() &&
+                            running_var.has_value() && running_var->defined();
+  TORCH_CHECK(training || have_running,
+              "running_mean and running_var must be defined in evaluation mode");
+
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const Tensor x = input.contiguous(format);
+  Tensor output = at::empty_like(x, format);
+  const auto stat_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  const int64_t channels = input.size(1);
+  Tensor save_mean = at::empty({training ? channels : 0}, stat_options);
+  Tensor save_var = at::empty({training ? channels : 0}, stat_options);
+  if (x.numel() == 0) {  // nothing to normalize; the statistics of nothing are NaN
+    save_mean.fill_(NAN);
+    save_var.fill_(NAN);
+    return {output, save_mean, save_var};
+  }
+
+  const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
+  const Tensor rm = training ? Tensor() : contiguous_or_undefined(running_mean);
+  const Tensor rv = training ? Tensor() : contiguous_or_undefined(running_var);
+  cpu::ForwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = input.scalar_type();
+  args.param_type = param_type;
+  args.input = x.const_data_ptr();
+  args.output = output.mutable_data_ptr();
+  args.weight = data_or_null(w);
+  args.bias = data_or_null(b);
+  args.eps = eps;
+  args.training = training;
+  args.save_mean = training ? save_mean.mutable_data_ptr() : nullptr;
+  args.save_var = training ? save_var.mutable_data_ptr() : nullptr;
+  args.running_mean = data_or_null(rm);
+  args.running_var = data_or_null(rv);
+  cpu::active_kernels().forward(args);
+  return {output, save_mean, save_var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    std::array<bool, 3> output_mask) {
+  const c10::ScalarType param_type =
+      check_inputs(input, weight, std::nullopt, running_mean, running_var);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output of size ",
+              grad_output.sizes(), " does not match input of size ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "batch_norm_backward: grad_output has dtype ", grad_output.scalar_type(),
+              " but input has ", input.scalar_type());
+  const int64_t channels = input.size(1);
+  const auto stat_type = at::toOpMathType(input.scalar_type());
+  if (training) {
+    TORCH_CHECK(save_mean.numel() == channels && save_var.numel() == channels &&
+                    save_mean.scalar_type() == stat_type && save_var.scalar_type() == stat_type,
+                "batch_norm_backward: save_mean and save_var must be the batch statistics "
+                "returned by batch_norm_forward in training");
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+                    running_var->defined(),
+                "running_mean and running_var must be defined in evaluation mode");
+  }
+
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const Tensor x = input.contiguous(format);
+  const Tensor dy = grad_output.contiguous(format);
+  const auto param_options = input.options().dtype(param_type);
+  Tensor grad_input = output_mask[0] ? at::empty_like(x, format) : Tensor();
+  Tensor grad_weight = output_mask[1] ? at::empty({channels}, param_options) : Tensor();
+  Tensor grad_bias = output_mask[2] ? at::empty({channels}, param_options) : Tensor();
+  if (x.numel() == 0) {  // every sum is over nothing
+    if (grad_weight.defined()) grad_weight.zero_();
+    if (grad_bias.defined()) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const Tensor w = contiguous_or_undefined(weight);
+  const Tensor rm = training ? Tensor() : contiguous_or_undefined(running_mean);
+  const Tensor rv = training ? Tensor() : contiguous_or_undefined(running_var);
+  const Tensor mean = training ? save_mean.contiguous() : Tensor();
+  const Tensor var = training ? save_var.contiguous() : Tensor();
+  cpu::BackwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = input.scalar_type();
+  args.param_type = param_type;
+  args.grad_output = dy.const_data_ptr();
+  args.input = x.const_data_ptr();
+  args.weight = data_or_null(w);
+  args.eps = eps;
+  args.training = training;
+  args.save_mean = data_or_null(mean);
+  args.save_var = data_or_null(var);
+  args.running_mean = data_or_null(rm);
+  args.running_var = data_or_null(rv);
+  args.grad_input = grad_input.defined() ? grad_input.mutable_data_ptr() : nullptr;
+  args.grad_weight = grad_weight.defined() ? grad_weight.mutable_data_ptr() : nullptr;
+  args.grad_bias = grad_bias.defined() ? grad_bias.mutable_data_ptr() : nullptr;
+  cpu::active_kernels().backward(args);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+// running = f * batch + (1 - f) * running, in the running statistics' own precision (as
+// native does), with the unbiased variance.
+void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const Tensor& batch_mean,
+                              const Tensor& batch_var, int64_t count, optional<double> momentum,
+                              const optional<Tensor>& num_batches_tracked) {
+  TORCH_CHECK(running_mean.numel() == batch_mean.numel() && running_var.numel() == batch_var.numel() &&
+                  running_mean.numel() == running_var.numel(),
+              "update_running_stats_: running and batch statistics differ in size");
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(),
+              "update_running_stats_: running_mean and running_var differ in dtype");
+  double factor;
+  if (momentum.has_value()) {
+    factor = *momentum;
+  } else {
+    TORCH_CHECK(num_batches_tracked.has_value() && num_batches_tracked->defined(),
+                "update_running_stats_: momentum=None (cumulative average) needs num_batches_tracked");
+    factor = 1.0 / num_batches_tracked->item<double>();
+  }
+  const double unbiased = double(count) / double(count - 1);
+  // Updated in contiguous copies when the buffers are strided views, then copied back.
+  Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+  const Tensor mean = batch_mean.contiguous(), var = batch_var.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rm.scalar_type(), "update_running_stats_", [&] {
+    // The batch statistics are in opmath: float for bfloat16/half/float buffers, else double.
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(mean.scalar_type() == c10::CppTypeToScalarType<acc_t>::value &&
+                    var.scalar_type() == mean.scalar_type(),
+                "update_running_stats_: batch statistics must be ", c10::CppTypeToScalarType<acc_t>::value);
+    const acc_t f = acc_t(factor), keep = acc_t(1.0 - factor);
+    scalar_t* rm_data = rm.mutable_data_ptr<scalar_t>();
+    scalar_t* rv_data = rv.mutable_data_ptr<scalar_t>();
+    const acc_t* mean_data = mean.const_data_ptr<acc_t>();
+    const acc_t* var_data = var.const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < rm.numel(); ++c) {
+      const acc_t var_unbiased = acc_t(double(var_data[c]) * unbiased);
+      rm_data[c] = f * mean_data[c] + keep * acc_t(rm_data[c]);
+      rv_data[c] = f * var_unbiased + keep * acc_t(rv_data[c]);
+    }
+  });
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchnorm_ext, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("update_running_stats_", &update_running_stats_cpu);
+}
+
+}  // namespace batchnorm_ext

@@ -1,0 +1,19 @@
+// Argument checks shared by the CPU operators (batch_norm_cpu.cpp) and the composite
+// batch_norm (autograd.cpp).  Types and messages follow native batch norm.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace batchnorm_ext {
+
+// Input: floating point, at least 2-D.  Parameters (weight, bias, running_mean,
+// running_var): on the input's device, with C elements, and all of one dtype, which is the
+// input's or float32 for bfloat16/half input.  Returns that parameter dtype.
+c10::ScalarType check_inputs(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var);
+
+}  // namespace batchnorm_ext

@@ -1,0 +1,780 @@
+// Batch normalization on the CPU: the kernels.
+//
+// Read top to bottom:
+//   1. moving values between memory and vector registers;
+//   2. statistics of a block of values, and Chan's formula to merge them;
+//   3. channels-first (NCHW) kernels: a channel is cut into blocks;
+//   4. channels-last (NHWC) kernels: every vector lane always sees the same channel;
+//   5. the entry points, one template for every dtype.
+//
+// This header is compiled once per instruction set (kernel_default.cpp, kernel_avx2.cpp,
+// kernel_avx512.cpp), each time with CPU_CAPABILITY naming it, so everything here lives in
+// the namespace CPU_CAPABILITY, as at::vec does.
+#pragma once
+
+#include "kernel_api.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace batchnorm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------------------------------
+// 1. Values in and out of vector registers.
+//
+// Arithmetic happens in opmath_t<T>: float for float, bfloat16 and half; double for double.
+// A vector holds kLanes<T> values of it (16 floats with AVX-512, 8 with AVX2).
+
+template <typename T>
+using opmath_t = at::opmath_type<T>;
+
+template <typename T>
+constexpr int64_t kLanes = Vectorized<opmath_t<T>>::size();
+
+template <typename T>
+inline Vectorized<opmath_t<T>> load_vec(const T* p) {
+  if constexpr (at::is_reduced_floating_point_v<T>) {
+    Vectorized<float> v;
+    at::vec::load_to_float(p, v);  // kLanes<T> bfloat16/half values, widened to float
+    return v;
+  } else {
+    return Vectorized<T>::loadu(p);
+  }
+}
+
+template <typename T>
+inline void store_vec(T* p, const Vectorized<opmath_t<T>>& v) {
+  if constexpr (at::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, kLanes<T>);
+  } else {
+    v.store(p);
+  }
+}
+
+// a * b + c, for a vector (one fused instruction) or a single value.
+template <typename V>
+inline V multiply_add(const V& a, const V& b, const V& c) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return a * b + c;
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+template <typename V>
+inline typename V::value_type sum_lanes(const V& v) {
+  return at::vec::vec_reduce_all<typename V::value_type>([](V a, V b) { return a + b; }, v);
+}
+
+// Calls vector_step(j, v) for each full vector of the run x[0, len), j = 0..3 cycling so
+// that a caller can keep four independent accumulators (one add chain would wait on the
+// add latency), then scalar_step(value) for the values left over.
+template <typename T, typename VectorStep, typename ScalarStep>
+inline void for_each_value(const T* x, int64_t len, VectorStep vector_step, ScalarStep scalar_step) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t i = 0;
+  for (; i + 4 * L <= len; i += 4 * L) {
+    vector_step(0, load_vec(x + i));
+    vector_step(1, load_vec(x + i + L));
+    vector_step(2, load_vec(x + i + 2 * L));
+    vector_step(3, load_vec(x + i + 3 * L));
+  }
+  for (; i + L <= len; i += L) vector_step(0, load_vec(x + i));
+  for (; i < len; ++i) scalar_step(static_cast<opmath_t<T>>(x[i]));
+}
+
+// The same over two runs read side by side (input and grad_output).
+template <typename T, typename VectorStep, typename ScalarStep>
+inline void for_each_pair(const T* x, const T* y, int64_t len, VectorStep vector_step,
+                          ScalarStep scalar_step) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t i = 0;
+  for (; i + 2 * L <= len; i += 2 * L) {
+    vector_step(0, load_vec(x + i), load_vec(y + i));
+    vector_step(1, load_vec(x + i + L), load_vec(y + i + L));
+  }
+  for (; i + L <= len; i += L) vector_step(0, load_vec(x + i), load_vec(y + i));
+  for (; i < len; ++i) {
+    scalar_step(static_cast<opmath_t<T>>(x[i]), static_cast<opmath_t<T>>(y[i]));
+  }
+}
+
+// out[i] = f(in[i]...) over a run of values; f is a generic lambda that works on a
+// vector and on a single value alike (coefficients are broadcast with V(c)).
+template <typename T, typename F, typename... In>
+inline void map_run(T* out, int64_t len, const F& f, const In*... in) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t i = 0;
+  for (; i + L <= len; i += L) store_vec(out + i, f(load_vec(in + i)...));
+  for (; i < len; ++i) out[i] = static_cast<T>(f(static_cast<opmath_t<T>>(in[i])...));
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Statistics.
+//
+// The statistics of a set of values are its count, its mean and M2, the sum of squared
+// deviations from the mean (variance = M2 / count).  Two sets merge exactly with Chan's
+// formula, so a channel's statistics are built from blocks that each fit in L1 cache:
+// each block takes two quick sweeps while it is in cache (one pass over memory), and
+// no value is ever divided by anything.
+
+struct Moments {
+  int64_t count = 0;
+  double mean = 0;
+  double m2 = 0;
+};
+
+// Chan, Golub & LeVeque: the statistics of the union of two disjoint sets.
+inline void merge(Moments& a, const Moments& b) {
+  if (b.count == 0) return;
+  const int64_t n = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  const double b_share = static_cast<double>(b.count) / n;
+  a.mean += delta * b_share;
+  a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * b_share;
+  a.count = n;
+}
+
+// A block: `planes` runs of `len` contiguous values, `stride` apart, from `offset`.
+struct Block {
+  int64_t offset;
+  int64_t planes;
+  int64_t len;
+  int64_t stride;
+  int64_t count() const { return planes * len; }
+
+  template <typename F>
+  void for_each_run(F f) const {
+    for (int64_t p = 0; p < planes; ++p) f(offset + p * stride, len);
+  }
+};
+
+// The statistics of one block by the corrected two-pass algorithm (Chan, Golub & LeVeque
+// 1983): sweep 1 finds the mean; sweep 2, over data now in cache, sums the deviations
+// d = x - mean and d^2.  The d sum to zero up to the rounding in the mean, and that
+// remainder corrects both the mean and M2, so large offsets cost no accuracy.
+template <typename T>
+Moments block_moments(const T* data, const Block& block) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+
+  Vec sum[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  acc_t tail_sum = 0;
+  block.for_each_run([&](int64_t offset, int64_t len) {
+    for_each_value(
+        data + offset, len, [&](int j, Vec x) { sum[j] += x; }, [&](acc_t x) { tail_sum += x; });
+  });
+  const double count = static_cast<double>(block.count());
+  const acc_t mean = static_cast<acc_t>(
+      (sum_lanes((sum[0] + sum[1]) + (sum[2] + sum[3])) + tail_sum) / count);
+
+  const Vec mean_vec(mean);
+  Vec dev[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  Vec sq[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  acc_t tail_dev = 0, tail_sq = 0;
+  block.for_each_run([&](int64_t offset, int64_t len) {
+    for_each_value(
+        data + offset, len,
+        [&](int j, Vec x) {
+          const Vec d = x - mean_vec;
+          dev[j] += d;
+          sq[j] = at::vec::fmadd(d, d, sq[j]);
+        },
+        [&](acc_t x) {
+          const acc_t d = x - mean;
+          tail_dev += d;
+          tail_sq += d * d;
+        });
+  });
+  const double d_sum = sum_lanes((dev[0] + dev[1]) + (dev[2] + dev[3])) + double(tail_dev);
+  const double d2_sum = sum_lanes((sq[0] + sq[1]) + (sq[2] + sq[3])) + double(tail_sq);
+  return {block.count(), mean + d_sum / count, std::max(0.0, d2_sum - d_sum * d_sum / count)};
+}
+
+// The two sums the backward needs: sum(dy) and sum(dy * (x - mean)).
+struct GradSums {
+  double dy = 0;
+  double dy_xmu = 0;
+};
+
+inline void merge(GradSums& a, const GradSums& b) {
+  a.dy += b.dy;
+  a.dy_xmu += b.dy_xmu;
+}
+
+template <typename T>
+GradSums block_grad_sums(const T* input, const T* grad_output, const Block& block,
+                         opmath_t<T> mean) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  const Vec mean_vec(mean);
+  Vec dy_sum[2] = {Vec(0), Vec(0)};
+  Vec dy_xmu_sum[2] = {Vec(0), Vec(0)};
+  acc_t tail_dy = 0, tail_dy_xmu = 0;
+  block.for_each_run([&](int64_t offset, int64_t len) {
+    for_each_pair(
+        input + offset, grad_output + offset, len,
+        [&](int j, Vec x, Vec dy) {
+          dy_sum[j] += dy;
+          dy_xmu_sum[j] = at::vec::fmadd(dy, x - mean_vec, dy_xmu_sum[j]);
+        },
+        [&](acc_t x, acc_t dy) {
+          tail_dy += dy;
+          tail_dy_xmu += dy * (x - mean);
+        });
+  });
+  return {sum_lanes(dy_sum[0] + dy_sum[1]) + double(tail_dy),
+          sum_lanes(dy_xmu_sum[0] + dy_xmu_sum[1]) + double(tail_dy_xmu)};
+}
+
+// Values of work below which a loop is not worth a parallel region (ATen uses the same).
+constexpr int64_t kGrain = 32768;
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------
+// 3. Channels first (contiguous NCHW).
+//
+// A channel is `batch` planes of `inner` contiguous values, C * inner apart.  It is cut
+// into blocks of about kBlockValues: several whole planes when planes are small, pieces of
+// one plane when they are large.
+
+constexpr int64_t kBlockValues = 2048;  // 8 KiB of floats: stays in L1 between two sweeps
+
+struct ChannelsFirstBlocks {
+  const Geometry& g;
+  int64_t planes_per_block;
+  int64_t pieces_per_plane;
+  int64_t piece_len;
+  int64_t per_channel;
+
+  explicit ChannelsFirstBlocks(const Geometry& geometry) : g(geometry) {
+    if (g.inner >= kBlockValues) {
+      planes_per_block = 1;
+      pieces_per_plane = divup(g.inner, kBlockValues);
+      piece_len = divup(g.inner, pieces_per_plane);
+      per_channel = g.batch * pieces_per_plane;
+    } else {
+      planes_per_block = std::max<int64_t>(1, kBlockValues / g.inner);
+      pieces_per_plane = 1;
+      piece_len = g.inner;
+      per_channel = divup(g.batch, planes_per_block);
+    }
+  }
+
+  Block operator()(int64_t c, int64_t b) const {
+    const int64_t plane_stride = g.channels * g.inner;
+    if (pieces_per_plane == 1) {
+      const int64_t first = b * planes_per_block;
+      const int64_t planes = std::min(planes_per_block, g.batch - first);
+      return {(first * g.channels + c) * g.inner, planes, g.inner, plane_stride};
+    }
+    const int64_t plane = b / pieces_per_plane;
+    const int64_t start = (b % pieces_per_plane) * piece_len;
+    return {(plane * g.channels + c) * g.inner + start, 1, std::min(piece_len, g.inner - start),
+            plane_stride};
+  }
+};
+
+// Apply alone (eval forward, eval grad_input): no statistics to wait for.
+template <typename Apply>
+void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
+  const int64_t per_channel = blocks.per_channel;
+  const int64_t grain = std::max<int64_t>(1, kGrain / kBlockValues);
+  at::parallel_for(0, blocks.g.channels * per_channel, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) apply(u / per_channel, blocks(u / per_channel, u % per_channel));
+  });
+}
+
+// The shape shared by the training forward and the backward: reduce every block to a
+// Partial (Moments or GradSums), merge a channel's partials in block order, turn the total
+// into per-channel coefficients (finish), then write the output block by block (apply).
+//
+// With many channels each thread takes whole channels and applies right after reducing,
+// while the channel is still in L2.  With few channels (C = 3) the blocks of all channels
+// are spread over the threads instead.  Blocks and merge order are the same either way, so
+// the result is the same to the bit for any number of threads.
+template <typename Partial, typename Reduce, typename Finish, typename Apply>
+void channels_first_reduce_apply(const ChannelsFirstBlocks& blocks, Reduce reduce,
+                                 Finish finish, Apply apply) {
+  const Geometry& g = blocks.g;
+  const int64_t per_channel = blocks.per_channel;
+  const int64_t total_values = g.count() * g.channels;
+  const bool by_channel =
+      g.channels >= 4 * at::get_num_threads() || total_values <= kGrain;
+
+  if (by_channel) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.count()));
+    at::parallel_for(0, g.channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        Partial total;
+        for (int64_t b = 0; b < per_channel; ++b) merge(total, reduce(c, blocks(c, b)));
+        finish(c, total);
+        for (int64_t b = 0; b < per_channel; ++b) apply(c, blocks(c, b));
+      }
+    });
+    return;
+  }
+
+  const int64_t units = g.channels * per_channel;
+  const int64_t grain = std::max<int64_t>(1, kGrain / kBlockValues);
+  std::vector<Partial> partials(units);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      partials[u] = reduce(u / per_channel, blocks(u / per_channel, u % per_channel));
+    }
+  });
+  for (int64_t c = 0; c < g.channels; ++c) {
+    Partial total;
+    for (int64_t b = 0; b < per_channel; ++b) merge(total, partials[c * per_channel + b]);
+    finish(c, total);
+  }
+  channels_first_apply(blocks, apply);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Channels last (NHWC, and (N, C) input).
+//
+// The data is rows of C values, so value i belongs to channel i % C.  Read it in periods
+// of P = lcm(C, lanes) values: then every lane of every vector always sees the same
+// channel, whatever C is (C = 3 gives P = 48 with 16 lanes).  Statistics are kept per lane
+// over blocks of whole periods and folded into channels at the end; the rows left over
+// after the last full period (fewer than P / C) are handled one value at a time.
+
+struct ChannelsLastPlan {
+  int64_t channels;
+  int64_t period;             // P = lcm(C, lanes) values
+  int64_t rows;               // batch * inner
+  int64_t periods;            // full periods
+  int64_t tail_begin;         // first value after the last full period
+  int64_t periods_per_block;  // a block: two sweeps in cache, like the channels-first one
+  int64_t blocks;
+  int64_t blocks_per_chunk;   // a chunk: one task of the parallel reduction
+  int64_t chunks;
+
+  ChannelsLastPlan(const Geometry& g, int64_t lanes) {
+    channels = g.channels;
+    period = std::lcm(g.channels, lanes);
+    rows = g.count();
+    periods = rows * channels / period;
+    tail_begin = periods * period;
+    periods_per_block = std::max<int64_t>(8, kBlockValues * 2 / period);
+    blocks = divup(periods, periods_per_block);
+    // Chunks have a fixed size, never one per thread: the result must not depend on the
+    // number of threads.  At most 256 of them, which bounds the scratch space.
+    blocks_per_chunk = std::max<int64_t>(
+        {1, 16 * kBlockValues / (periods_per_block * period), divup(blocks, 256)});
+    chunks = divup(blocks, blocks_per_chunk);
+  }
+
+  int64_t first_period(int64_t block) const { return block * periods_per_block; }
+  int64_t periods_in(int64_t block) const {
+    return std::min(periods_per_block, periods - first_period(block));
+  }
+};
+
+// Per-lane statistics of `n` periods starting at x: a column of lanes at a time, two sweeps
+// down the column while it is in cache, as block_moments does for a run.
+template <typename T>
+void lane_moments(const T* x, int64_t period, int64_t n, opmath_t<T>* mean_out,
+                  opmath_t<T>* m2_out) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  const Vec inv_n(acc_t(1) / acc_t(n));
+  for (int64_t k = 0; k < period; k += kLanes<T>) {
+    const T* column = x + k;
+    Vec sum[2] = {Vec(0), Vec(0)};
+    int64_t r = 0;
+    for (; r + 1 < n; r += 2) {
+      sum[0] += load_vec(column + r * period);
+      sum[1] += load_vec(column + (r + 1) * period);
+    }
+    if (r < n) sum[0] += load_vec(column + r * period);
+    const Vec mean = (sum[0] + sum[1]) * inv_n;
+    Vec dev(0), sq(0);
+    for (r = 0; r < n; ++r) {
+      const Vec d = load_vec(column + r * period) - mean;
+      dev += d;
+      sq = at::vec::fmadd(d, d, sq);
+    }
+    (mean + dev * inv_n).store(mean_out + k);
+    at::vec::maximum(sq - dev * dev * inv_n, Vec(0)).store(m2_out + k);
+  }
+}
+
+// Chan's merge for every lane at once.  All lanes hold the same count, so the weights are
+// two scalars and the loop is plain multiply-adds.
+template <typename S>
+void merge_lanes(double* mean, double* m2, int64_t count, const S* other_mean,
+                 const S* other_m2, int64_t other_count, int64_t width) {
+  const double other_share = double(other_count) / double(count + other_count);
+  const double cross = double(count) * other_share;
+  for (int64_t l = 0; l < width; ++l) {
+    const double delta = double(other_mean[l]) - mean[l];
+    mean[l] += delta * other_share;
+    m2[l] += double(other_m2[l]) + delta * delta * cross;
+  }
+}
+
+// Runs reduce_chunk(chunk, lanes) for every chunk in parallel; each chunk writes `width`
+// doubles of per-lane results.  Returns them all, chunk after chunk.
+template <typename F>
+std::vector<double> reduce_chunks(const ChannelsLastPlan& plan, int64_t width, F reduce_chunk) {
+  std::vector<double> results(plan.chunks * width, 0.0);
+  const int64_t grain = plan.blocks_per_chunk * plan.periods_per_block * plan.period >= kGrain ? 1 : 4;
+  at::parallel_for(0, plan.chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) reduce_chunk(chunk, results.data() + chunk * width);
+  });
+  return results;
+}
+
+// Per-channel statistics of channels-last data.
+template <typename T>
+std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& plan) {
+  using acc_t = opmath_t<T>;
+  const int64_t P = plan.period;
+  const int64_t C = plan.channels;
+
+  // Per-lane statistics of each chunk: mean[P] then m2[P].
+  const std::vector<double> chunk_stats = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
+    std::vector<acc_t> block_mean(P), block_m2(P);
+    int64_t count = 0;
+    const int64_t first = chunk * plan.blocks_per_chunk;
+    const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t n = plan.periods_in(b);
+      lane_moments(x + plan.first_period(b) * P, P, n, block_mean.data(), block_m2.data());
+      merge_lanes(out, out + P, count, block_mean.data(), block_m2.data(), n, P);
+      count += n;
+    }
+  });
+
+  // Merge the chunks in order, then fold lanes into channels: lane l is channel l % C.
+  std::vector<double> mean(P, 0.0), m2(P, 0.0);
+  int64_t count = 0;
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const int64_t first = chunk * plan.blocks_per_chunk;
+    const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
+    const int64_t n = plan.first_period(last - 1) + plan.periods_in(last - 1) - plan.first_period(first);
+    const double* stats = chunk_stats.data() + chunk * 2 * P;
+    merge_lanes(mean.data(), m2.data(), count, stats, stats + P, n, P);
+    count += n;
+  }
+  std::vector<Moments> channel(C);
+  for (int64_t l = 0; l < P && plan.periods > 0; ++l) merge(channel[l % C], {plan.periods, mean[l], m2[l]});
+
+  // The rows after the last full period, one channel at a time.
+  const int64_t tail_rows = (plan.rows * C - plan.tail_begin) / C;
+  if (tail_rows > 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* column = x + plan.tail_begin + c;
+      double sum = 0;
+      for (int64_t r = 0; r < tail_rows; ++r) sum += double(acc_t(column[r * C]));
+      const double tail_mean = sum / tail_rows;
+      double sq = 0;
+      for (int64_t r = 0; r < tail_rows; ++r) {
+        const double d = double(acc_t(column[r * C])) - tail_mean;
+        sq += d * d;
+      }
+      merge(channel[c], {tail_rows, tail_mean, sq});
+    }
+  }
+  return channel;
+}
+
+// Per-channel sum(dy) and sum(dy * (x - mean)) of channels-last data.
+template <typename T>
+std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const ChannelsLastPlan& plan,
+                                              const std::vector<opmath_t<T>>& mean_pattern) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t P = plan.period;
+  const int64_t C = plan.channels;
+
+  const std::vector<double> chunk_sums = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
+    const int64_t first = chunk * plan.blocks_per_chunk;
+    const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t offset = plan.first_period(b) * P;
+      const int64_t n = plan.periods_in(b);
+      for (int64_t k = 0; k < P; k += kLanes<T>) {
+        const Vec mean = Vec::loadu(mean_pattern.data() + k);
+        Vec dy_sum(0), dy_xmu_sum(0);
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t i = offset + r * P + k;
+          const Vec g = load_vec(dy + i);
+          dy_sum += g;
+          dy_xmu_sum = at::vec::fmadd(g, load_vec(x + i) - mean, dy_xmu_sum);
+        }
+        acc_t lanes_dy[kLanes<T>], lanes_dy_xmu[kLanes<T>];
+        dy_sum.store(lanes_dy);
+        dy_xmu_sum.store(lanes_dy_xmu);
+        for (int64_t l = 0; l < kLanes<T>; ++l) {
+          out[k + l] += lanes_dy[l];
+          out[P + k + l] += lanes_dy_xmu[l];
+        }
+      }
+    }
+  });
+
+  std::vector<GradSums> channel(C);
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const double* sums = chunk_sums.data() + chunk * 2 * P;
+    for (int64_t l = 0; l < P; ++l) merge(channel[l % C], {sums[l], sums[P + l]});
+  }
+  for (int64_t i = plan.tail_begin; i < plan.rows * C; ++i) {
+    const int64_t c = i % C;
+    const acc_t g = dy[i];
+    merge(channel[c], {double(g), double(g * (acc_t(x[i]) - mean_pattern[c]))});
+  }
+  return channel;
+}
+
+// out = f(in..., lane) over all the data: vectors over full periods, single values after.
+// f reads its per-lane coefficients at `lane`, an index into P-long patterns.
+template <typename T, typename F, typename... In>
+void channels_last_map(const ChannelsLastPlan& plan, T* out, const F& f, const In*... in) {
+  using acc_t = opmath_t<T>;
+  const int64_t P = plan.period;
+  const int64_t grain = std::max<int64_t>(1, kGrain / P);
+  at::parallel_for(0, plan.periods, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * P; i < end * P; i += P) {
+      for (int64_t k = 0; k < P; k += kLanes<T>) store_vec(out + i + k, f(load_vec(in + i + k)..., k));
+    }
+  });
+  for (int64_t i = plan.tail_begin; i < plan.rows * plan.channels; ++i) {
+    // The patterns repeat every C lanes, so lane i % C holds value i's coefficients.
+    out[i] = static_cast<T>(f(static_cast<acc_t>(in[i])..., i % plan.channels));
+  }
+}
+
+// A per-channel coefficient repeated over a period, and read back as vector or value.
+template <typename A>
+std::vector<A> lane_pattern(const std::vector<A>& per_channel, int64_t period) {
+  std::vector<A> pattern(period);
+  for (int64_t l = 0; l < period; ++l) pattern[l] = per_channel[l % per_channel.size()];
+  return pattern;
+}
+
+template <typename V, typename A>
+inline V lanes_at(const std::vector<A>& pattern, int64_t lane) {
+  if constexpr (std::is_same_v<V, A>) {
+    return pattern[lane];
+  } else {
+    return V::loadu(pattern.data() + lane);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Entry points.  T is the input dtype, P the parameter dtype (T, or float for mixed
+// bfloat16/half input).
+
+template <typename T, typename P>
+void forward_typed(const ForwardArgs& args) {
+  using acc_t = opmath_t<T>;
+  const Geometry& g = args.geometry;
+  const int64_t C = g.channels;
+  const T* x = static_cast<const T*>(args.input);
+  T* y = static_cast<T*>(args.output);
+  const P* weight = static_cast<const P*>(args.weight);
+  const P* bias = static_cast<const P*>(args.bias);
+
+  // y = (x - mean) * scale + shift, with scale = weight / sqrt(var + eps), shift = bias.
+  // Subtracting the mean first keeps the rounding small when the mean is large.
+  std::vector<acc_t> mean(C), scale(C), shift(C);
+  auto set_coefficients = [&](int64_t c, acc_t channel_mean, acc_t invstd) {
+    mean[c] = channel_mean;
+    scale[c] = (weight ? acc_t(weight[c]) : acc_t(1)) * invstd;
+    shift[c] = bias ? acc_t(bias[c]) : acc_t(0);
+  };
+  auto finish = [&](int64_t c, const Moments& m) {
+    const double var = m.m2 / double(m.count);
+    static_cast<acc_t*>(args.save_mean)[c] = acc_t(m.mean);
+    static_cast<acc_t*>(args.save_var)[c] = acc_t(var);
+    set_coefficients(c, acc_t(m.mean), acc_t(1.0 / std::sqrt(var + args.eps)));
+  };
+  if (!args.training) {
+    const P* running_mean = static_cast<const P*>(args.running_mean);
+    const P* running_var = static_cast<const P*>(args.running_var);
+    for (int64_t c = 0; c < C; ++c) {
+      set_coefficients(c, acc_t(running_mean[c]),
+                       acc_t(1) / std::sqrt(acc_t(running_var[c]) + acc_t(args.eps)));
+    }
+  }
+
+  if (g.layout == Layout::ChannelsFirst) {
+    const ChannelsFirstBlocks blocks(g);
+    auto normalize = [&](int64_t c, const Block& block) {
+      auto f = [m = mean[c], s = scale[c], t = shift[c]](auto v) {
+        using V = decltype(v);
+        return (v - V(m)) * V(s) + V(t);
+      };
+      block.for_each_run([&](int64_t offset, int64_t len) { map_run(y + offset, len, f, x + offset); });
+    };
+    if (args.training) {
+      channels_first_reduce_apply<Moments>(
+          blocks, [&](int64_t, const Block& b) { return block_moments(x, b); }, finish, normalize);
+    } else {
+      channels_first_apply(blocks, normalize);
+    }
+    return;
+  }
+
+  const ChannelsLastPlan plan(g, kLanes<T>);
+  if (args.training) {
+    const std::vector<Moments> moments = channels_last_moments(x, plan);
+    for (int64_t c = 0; c < C; ++c) finish(c, moments[c]);
+  }
+  const auto mean_p = lane_pattern(mean, plan.period);
+  const auto scale_p = lane_pattern(scale, plan.period);
+  const auto shift_p = lane_pattern(shift, plan.period);
+  channels_last_map(plan, y, [&](auto v, int64_t lane) {
+    using V = decltype(v);
+    return (v - lanes_at<V>(mean_p, lane)) * lanes_at<V>(scale_p, lane) + lanes_at<V>(shift_p, lane);
+  }, x);
+}
+
+template <typename T, typename P>
+void backward_typed(const BackwardArgs& args) {
+  using acc_t = opmath_t<T>;
+  const Geometry& g = args.geometry;
+  const int64_t C = g.channels;
+  const T* x = static_cast<const T*>(args.input);
+  const T* dy = static_cast<const T*>(args.grad_output);
+  T* dx = static_cast<T*>(args.grad_input);
+  const P* weight = static_cast<const P*>(args.weight);
+  P* grad_weight = static_cast<P*>(args.grad_weight);
+  P* grad_bias = static_cast<P*>(args.grad_bias);
+
+  // The statistics the forward normalized with.
+  std::vector<acc_t> mean(C), invstd(C);
+  for (int64_t c = 0; c < C; ++c) {
+    if (args.training) {
+      mean[c] = static_cast<const acc_t*>(args.save_mean)[c];
+      const double var = static_cast<const acc_t*>(args.save_var)[c];
+      invstd[c] = acc_t(1.0 / std::sqrt(var + args.eps));
+    } else {
+      mean[c] = acc_t(static_cast<const P*>(args.running_mean)[c]);
+      const acc_t var = acc_t(static_cast<const P*>(args.running_var)[c]);
+      invstd[c] = acc_t(1) / std::sqrt(var + acc_t(args.eps));
+    }
+  }
+
+  // dx = k_dy * dy + k_x * (x - mean) + k_c.  In training the batch statistics depend on
+  // x, which gives k_x and k_c; in eval they are constants and dx = k_dy * dy.
+  std::vector<acc_t> k_dy(C), k_x(C, acc_t(0)), k_c(C, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) k_dy[c] = (weight ? acc_t(weight[c]) : acc_t(1)) * invstd[c];
+  const double count = double(g.count());
+  auto finish = [&](int64_t c, const GradSums& sums) {
+    if (grad_weight) grad_weight[c] = P(sums.dy_xmu * invstd[c]);
+    if (grad_bias) grad_bias[c] = P(sums.dy);
+    if (args.training) {
+      const double i = invstd[c];
+      k_x[c] = acc_t(-double(k_dy[c]) * i * i * sums.dy_xmu / count);
+      k_c[c] = acc_t(-double(k_dy[c]) * sums.dy / count);
+    }
+  };
+  const bool need_sums = grad_weight || grad_bias || (dx && args.training);
+
+  // The two forms of dx, for a vector or a single value.
+  auto dx_train = [](auto grad, auto v, auto a, auto b, auto k, auto m) {
+    return multiply_add(a, grad, multiply_add(b, v - m, k));
+  };
+  auto dx_eval = [](auto grad, auto a) { return grad * a; };
+
+  if (g.layout == Layout::ChannelsFirst) {
+    const ChannelsFirstBlocks blocks(g);
+    auto apply = [&](int64_t c, const Block& block) {
+      if (!dx) return;
+      block.for_each_run([&](int64_t offset, int64_t len) {
+        if (args.training) {
+          map_run(dx + offset, len, [&, a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c]](auto grad, auto v) {
+            using V = decltype(v);
+            return dx_train(grad, v, V(a), V(b), V(k), V(m));
+          }, dy + offset, x + offset);
+        } else {
+          map_run(dx + offset, len, [&, a = k_dy[c]](auto grad) {
+            using V = decltype(grad);
+            return dx_eval(grad, V(a));
+          }, dy + offset);
+        }
+      });
+    };
+    if (need_sums) {
+      channels_first_reduce_apply<GradSums>(
+          blocks, [&](int64_t c, const Block& b) { return block_grad_sums(x, dy, b, mean[c]); },
+          finish, apply);
+    } else {
+      channels_first_apply(blocks, apply);
+    }
+    return;
+  }
+
+  const ChannelsLastPlan plan(g, kLanes<T>);
+  const auto mean_p = lane_pattern(mean, plan.period);
+  if (need_sums) {
+    const std::vector<GradSums> sums = channels_last_grad_sums(x, dy, plan, mean_p);
+    for (int64_t c = 0; c < C; ++c) finish(c, sums[c]);
+  }
+  if (!dx) return;
+  const auto k_dy_p = lane_pattern(k_dy, plan.period);
+  if (!args.training) {
+    channels_last_map(plan, dx, [&](auto grad, int64_t lane) {
+      using V = decltype(grad);
+      return dx_eval(grad, lanes_at<V>(k_dy_p, lane));
+    }, dy);
+    return;
+  }
+  const auto k_x_p = lane_pattern(k_x, plan.period);
+  const auto k_c_p = lane_pattern(k_c, plan.period);
+  channels_last_map(plan, dx, [&](auto grad, auto v, int64_t lane) {
+    using V = decltype(v);
+    return dx_train(grad, v, lanes_at<V>(k_dy_p, lane), lanes_at<V>(k_x_p, lane),
+                    lanes_at<V>(k_c_p, lane), lanes_at<V>(mean_p, lane));
+  }, dy, x);
+}
+
+// One function per entry point, one instantiation per (input, parameter) dtype pair.
+template <template <typename, typename> class Kernel, typename Args>
+void dispatch_dtypes(const Args& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.input_type, "batch_norm_ext", [&] {
+    if constexpr (at::is_reduced_floating_point_v<scalar_t>) {
+      if (args.param_type == at::kFloat) return Kernel<scalar_t, float>::run(args);
+    }
+    Kernel<scalar_t, scalar_t>::run(args);
+  });
+}
+
+template <typename T, typename P>
+struct Forward {
+  static void run(const ForwardArgs& args) { forward_typed<T, P>(args); }
+};
+template <typename T, typename P>
+struct Backward {
+  static void run(const BackwardArgs& args) { backward_typed<T, P>(args); }
+};
+
+inline void forward(const ForwardArgs& args) { dispatch_dtypes<Forward>(args); }
+inline void backward(const BackwardArgs& args) { dispatch_dtypes<Backward>(args); }
+
+}  // namespace CPU_CAPABILITY
+
+// The table for this instruction set: kernels_DEFAULT, kernels_AVX2 or kernels_AVX512.
+#define BATCHNORM_EXT_TABLE_NAME(isa) BATCHNORM_EXT_PASTE(kernels_, isa)
+#define BATCHNORM_EXT_PASTE(a, b) a##b
+extern const KernelTable BATCHNORM_EXT_TABLE_NAME(CPU_CAPABILITY);
+const KernelTable BATCHNORM_EXT_TABLE_NAME(CPU_CAPABILITY) = {&CPU_CAPABILITY::forward,
+                                                              &CPU_CAPABILITY::backward};
+
+}  // namespace batchnorm_ext::cpu

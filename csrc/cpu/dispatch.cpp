@@ -1,0 +1,71 @@
+// Chooses the kernels built for the best instruction set this CPU has.  ATen makes the
+// same choice for its own kernels (and honours ATEN_CPU_CAPABILITY), so we follow it.
+#include "kernel_api.h"
+
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+namespace batchnorm_ext::cpu {
+namespace {
+
+struct Choice {
+  const char* name;
+  const KernelTable* table;
+};
+
+// Best first.
+const Choice kChoices[] = {
+#ifdef BATCHNORM_EXT_X86
+    {"AVX512", &kernels_AVX512},
+    {"AVX2", &kernels_AVX2},
+#endif
+    {"DEFAULT", &kernels_DEFAULT},
+};
+
+const Choice* find(const std::string& name) {
+  for (const Choice& choice : kChoices) {
+    if (name == choice.name) return &choice;
+  }
+  return nullptr;
+}
+
+// The best set ATen's own check allows on this CPU: the first of kChoices at or below it.
+const Choice* best_choice() {
+  const std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
+  bool reached = false;
+  for (const Choice& choice : kChoices) {
+    reached = reached || aten == choice.name;
+    if (reached) return &choice;
+  }
+  return find("DEFAULT");
+}
+
+std::atomic<const Choice*> active{nullptr};
+
+const Choice& active_choice() {
+  const Choice* choice = active.load(std::memory_order_acquire);
+  if (choice == nullptr) {
+    choice = best_choice();
+    active.store(choice, std::memory_order_release);
+  }
+  return *choice;
+}
+
+}  // namespace
+
+const KernelTable& active_kernels() { return *active_choice().table; }
+
+std::string cpu_capability() { return active_choice().name; }
+
+void set_cpu_capability(const std::string& name) {
+  const Choice* choice = find(name);
+  TORCH_CHECK_VALUE(choice != nullptr, "batchnorm_ext: no kernels built for CPU capability '",
+                    name, "'");
+  TORCH_CHECK_VALUE(choice >= best_choice(), "batchnorm_ext: this CPU does not support ", name,
+                    " (best: ", best_choice()->name, ")");
+  active.store(choice, std::memory_order_release);
+}
+
+}  // namespace batchnorm_ext::cpu

@@ -1,0 +1,86 @@
+// The boundary between the operators (which see Tensors) and the kernels (which see
+// pointers and sizes).  The kernels are compiled once per instruction set; everything in
+// this header is the same for all of them.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+namespace batchnorm_ext::cpu {
+
+// How the values of one channel are laid out.  A tensor of shape (N, C, *) is seen as
+// (batch, channels, inner) with inner = the product of the spatial sizes.
+//   ChannelsFirst (contiguous NCHW): value (n, c, i) is at (n * C + c) * inner + i,
+//     so each channel is `batch` contiguous planes of `inner` values.
+//   ChannelsLast (NHWC, and any input with inner == 1): value (n, c, i) is at
+//     (n * inner + i) * C + c, so the data is rows of C values, one per channel.
+enum class Layout { ChannelsFirst, ChannelsLast };
+
+struct Geometry {
+  Layout layout;
+  int64_t batch;
+  int64_t channels;
+  int64_t inner;
+  int64_t count() const { return batch * inner; }  // values per channel
+};
+
+// Types: `input` and `output` are input_type; weight, bias and the running statistics are
+// param_type (the input type, or float for bfloat16/half input: "mixed" precision); the
+// saved batch statistics are stat_type = at::opmath_type<input_type> (float or double).
+struct ForwardArgs {
+  Geometry geometry;
+  c10::ScalarType input_type;
+  c10::ScalarType param_type;
+  const void* input;
+  void* output;
+  const void* weight;  // may be null (no affine transform)
+  const void* bias;    // may be null
+  double eps;
+  bool training;
+  // training: batch statistics are computed and written to save_mean / save_var (biased).
+  void* save_mean;
+  void* save_var;
+  // eval: the running statistics to normalize with.
+  const void* running_mean;
+  const void* running_var;
+};
+
+struct BackwardArgs {
+  Geometry geometry;
+  c10::ScalarType input_type;
+  c10::ScalarType param_type;
+  const void* grad_output;
+  const void* input;
+  const void* weight;  // may be null
+  double eps;
+  bool training;
+  const void* save_mean;  // training: the batch statistics from the forward (stat_type)
+  const void* save_var;
+  const void* running_mean;  // eval: the running statistics (param_type)
+  const void* running_var;
+  void* grad_input;   // each output may be null: not wanted
+  void* grad_weight;  // param_type
+  void* grad_bias;    // param_type
+};
+
+// One set of kernels per instruction set.
+struct KernelTable {
+  void (*forward)(const ForwardArgs&);
+  void (*backward)(const BackwardArgs&);
+};
+
+extern const KernelTable kernels_DEFAULT;
+#ifdef BATCHNORM_EXT_X86
+extern const KernelTable kernels_AVX2;
+extern const KernelTable kernels_AVX512;
+#endif
+
+// The kernels for this CPU (chosen on first use, see dispatch.cpp).
+const KernelTable& active_kernels();
+// "DEFAULT", "AVX2" or "AVX512": the set in use, and a way to force one (tests, benchmarks).
+std::string cpu_capability();
+void set_cpu_capability(const std::string& name);
+
+}  // namespace batchnorm_ext::cpu

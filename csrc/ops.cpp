@@ -1,0 +1,34 @@
+// The operator schemas.  Kernels are registered elsewhere: CPU in batch_norm_cpu.cpp,
+// Autograd and CompositeImplicitAutograd in autograd.cpp, fake (meta) ones in Python
+// (batchnorm_ext/_ops.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(batchnorm_ext, m) {
+  // Normalizes `input` (N, C, *) per channel.  Functional: returns the batch mean and the
+  // biased batch variance (training) or two empty tensors (eval), and leaves the running
+  // statistics alone; update_running_stats_ updates them.
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+
+  // Gradients of batch_norm_forward with respect to input, weight and bias; output_mask
+  // says which ones are wanted (the others come back undefined).
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor? running_mean, Tensor? running_var, Tensor save_mean, Tensor save_var, "
+      "bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // running = (1 - f) * running + f * batch, with the unbiased variance (count / (count - 1)).
+  // f = momentum, or 1 / num_batches_tracked (a cumulative average) when momentum is None.
+  m.def(
+      "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor batch_mean, Tensor batch_var, SymInt count, float? momentum, "
+      "Tensor? num_batches_tracked) -> ()");
+
+  // What torch.nn.functional.batch_norm does, in one call: checks, forward, and in
+  // training the update of the running statistics.
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
+      "Tensor? num_batches_tracked=None) -> Tensor");
+}

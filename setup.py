@@ -1,0 +1,80 @@
+"""Builds batchnorm_ext._C: the custom operators and their CPU kernels.
+
+The kernel source (csrc/cpu/batch_norm_kernel.h) is compiled three times, once per
+instruction set (csrc/cpu/kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp), each
+with its own -m flags; csrc/cpu/dispatch.cpp picks one at run time.  So the default build
+runs on any x86-64 CPU and still uses AVX-512 where there is one.
+"""
+import os
+import platform
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+# Extra flags for the sources whose name ends in _<isa>.cpp.  CPU_CAPABILITY selects the
+# at::vec implementation (and its namespace) exactly as ATen's own kernels do.
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def isa_of(source):
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return stem.rsplit("_", 1)[-1]
+
+
+class BuildWithIsaFlags(BuildExtension):
+    """BuildExtension compiles every source with the same flags; this adds ISA_FLAGS per file."""
+
+    def build_extension(self, ext):
+        compile_sources = self.compiler.compile
+
+        def compile_by_isa(sources, *args, extra_postargs=None, **kwargs):
+            objects = []
+            for isa in dict.fromkeys(isa_of(s) for s in sources):  # keeps source order
+                group = [s for s in sources if isa_of(s) == isa]
+                flags = list(extra_postargs or []) + ISA_FLAGS.get(isa, [])
+                objects += compile_sources(group, *args, extra_postargs=flags, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_by_isa
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_sources
+
+
+# Baseline objects come first on the link line: where an inline function was emitted by
+# several objects, the linker keeps the first copy, which then is the one built without -m flags.
+sources = [
+    "csrc/module.cpp",
+    "csrc/ops.cpp",
+    "csrc/batch_norm_cpu.cpp",
+    "csrc/autograd.cpp",
+    "csrc/cpu/dispatch.cpp",
+    "csrc/cpu/kernel_default.cpp",
+]
+if X86:
+    sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+
+setup(
+    name="batchnorm_ext",
+    version="0.1.0",
+    description="One-pass Welford batch normalization for PyTorch on the CPU",
+    packages=["batchnorm_ext"],
+    ext_modules=[
+        CppExtension(
+            "batchnorm_ext._C",
+            sources,
+            extra_compile_args=["-O3", "-fopenmp", "-DNDEBUG"]
+            + (["-DBATCHNORM_EXT_X86"] if X86 else []),
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildWithIsaFlags},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+)
