@@ -87,6 +87,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                             training ? Tensor() : or_undefined(running_var), save_mean, save_var});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = given(bias);
     ctx->mark_non_differentiable({save_mean, save_var});
     return {output, save_mean, save_var};
   }
@@ -95,8 +96,11 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return variable_list(7);
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2)};
+    // Autograd numbers only the tensors given: weight is input 1 if given, bias the next.
+    const bool has_weight = saved[1].defined(), has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0),
+                                      has_weight && ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     auto [grad_input, grad_weight, grad_bias] = backward_op().call(
         grad_output, saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]), saved[4],
         saved[5], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
@@ -123,10 +127,11 @@ ForwardResult differentiable_backward(const Tensor& grad_output, const Tensor& i
                                       const optional<Tensor>& running_mean,
                                       const optional<Tensor>& running_var, bool training,
                                       double eps, std::array<bool, 3> mask) {
-  const int64_t channels = input.size(1);
-  std::vector<int64_t> reduce_dims = {0}, shape(input.dim(), 1);
+  // Sizes stay symbolic (sym_size) so that torch.compile can trace this with dynamic shapes.
+  std::vector<int64_t> reduce_dims = {0};
+  std::vector<c10::SymInt> shape(input.dim(), 1);  // (1, C, 1, ...): broadcasts over a channel
   for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);
-  shape[1] = channels;
+  shape[1] = input.sym_size(1);
   const auto opmath = at::toOpMathType(input.scalar_type());
   const Tensor x = input.to(opmath), dy = grad_output.to(opmath);
 
@@ -135,27 +140,22 @@ ForwardResult differentiable_backward(const Tensor& grad_output, const Tensor& i
     mean = x.mean(reduce_dims, /*keepdim=*/true);
     invstd = ((x - mean).square().mean(reduce_dims, true) + eps).rsqrt();
   } else {
-    mean = running_mean->to(opmath).reshape(shape);
-    invstd = (running_var->to(opmath) + eps).rsqrt().reshape(shape);
+    mean = running_mean->to(opmath).reshape_symint(shape);
+    invstd = (running_var->to(opmath) + eps).rsqrt().reshape_symint(shape);
   }
   const Tensor x_hat = (x - mean) * invstd;
-  const Tensor w = given(weight) ? weight->to(opmath).reshape(shape) : at::ones({}, x.options());
-  const Tensor sum_dy = dy.sum(reduce_dims, true);
-  const Tensor sum_dy_xhat = (dy * x_hat).sum(reduce_dims, true);
+  const Tensor w = given(weight) ? weight->to(opmath).reshape_symint(shape) : at::ones({}, x.options());
+  const Tensor dy_x_hat = dy * x_hat;
 
   Tensor grad_input, grad_weight, grad_bias;
   if (mask[0]) {
-    if (training) {
-      const double n = double(input.numel()) / double(channels);
-      grad_input = (dy - sum_dy / n - x_hat * (sum_dy_xhat / n)) * (invstd * w);
-    } else {
-      grad_input = dy * (invstd * w);
-    }
-    grad_input = grad_input.to(input.scalar_type());
+    grad_input = training ? dy - dy.mean(reduce_dims, true) - x_hat * dy_x_hat.mean(reduce_dims, true)
+                          : dy;
+    grad_input = (grad_input * (invstd * w)).to(input.scalar_type());
   }
   const auto param_type = given(weight) ? weight->scalar_type() : input.scalar_type();
-  if (mask[1]) grad_weight = sum_dy_xhat.reshape({channels}).to(param_type);
-  if (mask[2]) grad_bias = sum_dy.reshape({channels}).to(param_type);
+  if (mask[1]) grad_weight = dy_x_hat.sum(reduce_dims).to(param_type);
+  if (mask[2]) grad_bias = dy.sum(reduce_dims).to(param_type);
   return {grad_input, grad_weight, grad_bias};
 }
 

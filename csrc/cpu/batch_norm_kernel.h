@@ -384,11 +384,18 @@ struct ChannelsLastPlan {
   }
 };
 
-// Per-lane statistics of `n` periods starting at x: a column of lanes at a time, two sweeps
-// down the column while it is in cache, as block_moments does for a run.
+// Per-lane sums of `n` periods starting at x: a column of lanes at a time, two sweeps down
+// the column while it is in cache, as block_moments does for a run.  The sweep-1 mean and
+// the sums of d = x - mean and d^2 are returned raw; merge_block_lanes corrects them in
+// double (rounding the corrected mean to float would bias the merged variance).
+template <typename A>
+struct LaneSums {
+  std::vector<A> mean, dev, sq;
+  explicit LaneSums(int64_t width) : mean(width), dev(width), sq(width) {}
+};
+
 template <typename T>
-void lane_moments(const T* x, int64_t period, int64_t n, opmath_t<T>* mean_out,
-                  opmath_t<T>* m2_out) {
+void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out) {
   using acc_t = opmath_t<T>;
   using Vec = Vectorized<acc_t>;
   const Vec inv_n(acc_t(1) / acc_t(n));
@@ -408,22 +415,41 @@ void lane_moments(const T* x, int64_t period, int64_t n, opmath_t<T>* mean_out,
       dev += d;
       sq = at::vec::fmadd(d, d, sq);
     }
-    (mean + dev * inv_n).store(mean_out + k);
-    at::vec::maximum(sq - dev * dev * inv_n, Vec(0)).store(m2_out + k);
+    mean.store(out.mean.data() + k);
+    dev.store(out.dev.data() + k);
+    sq.store(out.sq.data() + k);
   }
 }
 
+// Chan's merge of (other_count, other_mean, other_m2) into one lane.
+inline void merge_lane(double& mean, double& m2, double other_mean, double other_m2,
+                       double other_share, double cross) {
+  const double delta = other_mean - mean;
+  mean += delta * other_share;
+  m2 += other_m2 + delta * delta * cross;
+}
+
 // Chan's merge for every lane at once.  All lanes hold the same count, so the weights are
-// two scalars and the loop is plain multiply-adds.
-template <typename S>
-void merge_lanes(double* mean, double* m2, int64_t count, const S* other_mean,
-                 const S* other_m2, int64_t other_count, int64_t width) {
+// two scalars and the loops are plain multiply-adds.
+inline void merge_lanes(double* mean, double* m2, int64_t count, const double* other_mean,
+                        const double* other_m2, int64_t other_count, int64_t width) {
   const double other_share = double(other_count) / double(count + other_count);
   const double cross = double(count) * other_share;
   for (int64_t l = 0; l < width; ++l) {
-    const double delta = double(other_mean[l]) - mean[l];
-    mean[l] += delta * other_share;
-    m2[l] += double(other_m2[l]) + delta * delta * cross;
+    merge_lane(mean[l], m2[l], other_mean[l], other_m2[l], other_share, cross);
+  }
+}
+
+template <typename A>
+void merge_block_lanes(double* mean, double* m2, int64_t count, const LaneSums<A>& block,
+                       int64_t other_count, int64_t width) {
+  const double other_share = double(other_count) / double(count + other_count);
+  const double cross = double(count) * other_share;
+  const double inv_n = 1.0 / double(other_count);
+  for (int64_t l = 0; l < width; ++l) {
+    const double dev = block.dev[l];
+    merge_lane(mean[l], m2[l], double(block.mean[l]) + dev * inv_n,
+               std::max(0.0, double(block.sq[l]) - dev * dev * inv_n), other_share, cross);
   }
 }
 
@@ -448,14 +474,14 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
 
   // Per-lane statistics of each chunk: mean[P] then m2[P].
   const std::vector<double> chunk_stats = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
-    std::vector<acc_t> block_mean(P), block_m2(P);
+    LaneSums<acc_t> block(P);
     int64_t count = 0;
     const int64_t first = chunk * plan.blocks_per_chunk;
     const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
     for (int64_t b = first; b < last; ++b) {
       const int64_t n = plan.periods_in(b);
-      lane_moments(x + plan.first_period(b) * P, P, n, block_mean.data(), block_m2.data());
-      merge_lanes(out, out + P, count, block_mean.data(), block_m2.data(), n, P);
+      lane_sums(x + plan.first_period(b) * P, P, n, block);
+      merge_block_lanes(out, out + P, count, block, n, P);
       count += n;
     }
   });

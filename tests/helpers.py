@@ -1,0 +1,46 @@
+"""Shared by the tests: input layouts, tolerances, and running a step natively and ours."""
+import torch
+
+# How close ours must be to native, per dtype.  Both round to the dtype at the end, so
+# they may differ by about one unit in the last place of the output dtype: ~1e-7 relative
+# for float32, 2**-8 for bfloat16, 2**-11 for float16 (the tolerances below are a few ulp).
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+}
+
+LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted"]
+
+
+def make_input(shape, dtype, layout="contiguous", scale=1.0, offset=0.0):
+    """A random tensor of `shape` in a memory layout:
+    contiguous; channels_last (channels_last_3d for 5-D; other ranks stay contiguous);
+    sliced (every other element of the last dimension: not dense); permuted (the last two
+    dimensions swapped in memory, or the transpose of a (C, N) matrix for 2-D: dense, but
+    neither contiguous nor channels-last)."""
+    x = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
+    if layout == "channels_last":
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        return x.contiguous(memory_format=fmt) if fmt else x
+    if layout == "sliced":
+        wide = x.new_zeros(shape[:-1] + (2 * shape[-1],))
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "permuted":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x
+
+
+def assert_close(ours, native, dtype=None, scale=1.0, **kwargs):
+    """assert_close with TOLERANCE for the dtype; `scale` multiplies atol, for values (sums)
+    whose magnitude is larger than one."""
+    tol = dict(TOLERANCE.get(dtype or native.dtype, dict(rtol=0, atol=0)))  # integers: exact
+    tol["atol"] *= scale
+    tol.update(kwargs)
+    torch.testing.assert_close(ours, native, equal_nan=True, **tol)
+
+
+def leaf(t, requires_grad=True):
+    return None if t is None else t.detach().clone().requires_grad_(requires_grad)

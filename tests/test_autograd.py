@@ -1,0 +1,134 @@
+"""Gradients: gradcheck and gradgradcheck in float64, double backward and forward-mode AD
+(torch.func.jvp, dual tensors) against native."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import batchnorm_ext
+from helpers import assert_close, make_input
+
+CASES = [((3, 4, 3, 3), "contiguous"), ((4, 3, 2, 3), "channels_last"), ((6, 3), "contiguous"),
+         ((2, 3, 2, 2, 2), "channels_last"), ((3, 2, 5), "sliced")]
+
+
+def parameters(channels, affine):
+    if affine == "none":
+        return None, None
+    w = torch.rand(channels, dtype=torch.float64) + 0.5
+    b = torch.randn(channels, dtype=torch.float64)
+    return (w, None) if affine == "weight" else ((None, b) if affine == "bias" else (w, b))
+
+
+def functions(channels, training):
+    running_mean = torch.randn(channels, dtype=torch.float64)
+    running_var = torch.rand(channels, dtype=torch.float64) + 0.5
+
+    def ours(x, w=None, b=None):
+        return batchnorm_ext.batch_norm(x, running_mean.clone(), running_var.clone(), w, b,
+                                        training=training)
+
+    def native(x, w=None, b=None):
+        return F.batch_norm(x, running_mean.clone(), running_var.clone(), w, b, training=training)
+
+    return ours, native
+
+
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", CASES, ids=str)
+def test_gradcheck_and_gradgradcheck(shape, layout, training, affine):
+    x = make_input(shape, torch.float64, layout).requires_grad_()
+    w, b = parameters(shape[1], affine)
+    inputs = [x] + [t.requires_grad_() for t in (w, b) if t is not None]
+    ours, _ = functions(shape[1], training)
+    f = lambda x, *p: ours(x, *_place(p, w, b))
+    assert gradcheck(f, inputs)
+    assert gradgradcheck(f, inputs)
+
+
+def _place(given, w, b):
+    """The parameters given positionally, back in (weight, bias) order."""
+    given = list(given)
+    return (given.pop(0) if w is not None else None, given.pop(0) if b is not None else None)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", CASES, ids=str)
+def test_double_backward_matches_native(shape, layout, training):
+    ours, native = functions(shape[1], training)
+    x0 = make_input(shape, torch.float64, layout)
+    w0, b0 = parameters(shape[1], "both")
+    results = []
+    for f in (ours, native):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        y = f(x, w, b)
+        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y) + x.detach(), create_graph=True)
+        (gx.square().sum() + gw.sin().sum()).backward()
+        results.append((gx, gw, x.grad, w.grad, b.grad))
+    for a, n in zip(*results):
+        if n is None:
+            assert a is None
+        else:
+            assert_close(a, n)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", CASES, ids=str)
+def test_forward_ad_matches_native(shape, layout, training):
+    x = make_input(shape, torch.float64, layout)
+    w, b = parameters(shape[1], "both")
+    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
+    ours, native = functions(shape[1], training)
+    out, tangent = torch.func.jvp(ours, (x, w, b), tangents)
+    native_out, native_tangent = torch.func.jvp(native, (x, w, b), tangents)
+    assert_close(out, native_out)
+    assert_close(tangent, native_tangent)
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangents[0])
+        result = fwAD.unpack_dual(ours(dual, w, b))
+        native_result = fwAD.unpack_dual(native(fwAD.make_dual(x, tangents[0]), w, b))
+    assert_close(result.primal, native_result.primal)
+    assert_close(result.tangent, native_result.tangent)
+
+
+def test_gradcheck_forward_mode():
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w, b = (t.requires_grad_() for t in parameters(3, "both"))
+    ours, _ = functions(3, True)
+    assert gradcheck(ours, (x, w, b), check_forward_ad=True, check_backward_ad=False,
+                     check_undefined_grad=False)
+
+
+def test_forward_ad_updates_running_stats_like_native():
+    running = [(torch.zeros(3), torch.ones(3)) for _ in range(2)]
+    x = torch.randn(5, 3, 4)
+    with fwAD.dual_level():
+        batchnorm_ext.batch_norm(fwAD.make_dual(x, torch.randn_like(x)), *running[0], training=True)
+        F.batch_norm(fwAD.make_dual(x, torch.randn_like(x)), *running[1], training=True)
+    assert_close(running[0][0], running[1][0])
+    assert_close(running[0][1], running[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_reduced_precision_gradients_as_accurate_as_native(layout, dtype):
+    """Against a float64 oracle, our bfloat16/half gradients are no worse than native's.
+    (Native keeps its saved mean and invstd in the input dtype, we keep them in float32,
+    so the two differ by more than an ulp; the oracle says which is closer.)"""
+    x = make_input((3, 4, 5, 5), dtype, layout, scale=2, offset=1)
+    g = make_input((3, 4, 5, 5), dtype)
+    results = {}
+    for name, module in [("ours", batchnorm_ext.BatchNorm2d(4, dtype=dtype)),
+                         ("native", torch.nn.BatchNorm2d(4, dtype=dtype)),
+                         ("oracle", torch.nn.BatchNorm2d(4, dtype=torch.float64))]:
+        xx = x.detach().to(module.weight.dtype).requires_grad_()
+        module(xx).backward(g.to(module.weight.dtype))
+        results[name] = [t.double() for t in (xx.grad, module.weight.grad, module.bias.grad)]
+    for ours, native, oracle in zip(results["ours"], results["native"], results["oracle"]):
+        ours_error = (ours - oracle).abs().max().item()
+        native_error = (native - oracle).abs().max().item()
+        ulp = oracle.abs().max().item() * torch.finfo(dtype).eps
+        assert ours_error <= max(native_error, 2 * ulp), (ours_error, native_error)

@@ -1,0 +1,134 @@
+"""Bad input: the same exception type as native batch norm (mostly the same message), never
+a crash."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchnorm_ext
+
+C = 3
+
+
+def stats(dtype=torch.float32, n=C):
+    return torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype)
+
+
+def x(*shape, dtype=torch.float32):
+    return torch.randn(shape or (4, C, 2, 2)).to(dtype)
+
+
+# (id, arguments for batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+CASES = [
+    ("one value per channel (N, C)", lambda: (x(1, C), *stats(), None, None, True)),
+    ("one value per channel (N, C, 1, 1)", lambda: (x(1, C, 1, 1), *stats(), None, None, True)),
+    ("one value per channel (N, C, 1)", lambda: (x(1, C, 1), *stats(), None, None, True)),
+    ("eps zero in training", lambda: (x(), *stats(), None, None, True, 0.1, 0.0)),
+    ("eps negative in training", lambda: (x(), *stats(), None, None, True, 0.1, -1e-5)),
+    ("eps negative in eval", lambda: (x(), *stats(), None, None, False, 0.1, -1e-5)),
+    ("running_mean wrong size", lambda: (x(), torch.zeros(4), torch.ones(C), None, None, True)),
+    ("running_var wrong size", lambda: (x(), torch.zeros(C), torch.ones(4), None, None, False)),
+    ("weight wrong size", lambda: (x(), *stats(), torch.ones(4), None, True)),
+    ("bias wrong size", lambda: (x(), *stats(), None, torch.ones(2), False)),
+    ("weight 0-d", lambda: (x(), *stats(), torch.tensor(1.0), None, True)),
+    ("eval without running stats", lambda: (x(), None, None, None, None, False)),
+    ("eval without running_var", lambda: (x(), torch.zeros(C), None, None, None, False)),
+    ("training with only running_mean", lambda: (x(), torch.zeros(C), None, None, None, True)),
+    ("int64 input", lambda: (x(dtype=torch.int64), *stats(), None, None, True)),
+    ("uint8 input", lambda: (x(dtype=torch.uint8), *stats(), None, None, False)),
+    ("bool input", lambda: (x(dtype=torch.bool), *stats(), None, None, True)),
+    ("complex input", lambda: (x(dtype=torch.complex64), *stats(), None, None, True)),
+    ("float64 input, float32 params", lambda: (x(dtype=torch.float64), *stats(), torch.ones(C), None, True)),
+    ("float32 input, float64 params", lambda: (x(), *stats(torch.float64), None, None, True)),
+    ("float32 input, bf16 weight", lambda: (x(), None, None, torch.ones(C, dtype=torch.bfloat16), None, True)),
+    ("bf16 input, fp16 weight", lambda: (x(dtype=torch.bfloat16), None, None, torch.ones(C, dtype=torch.float16), None, True)),
+    ("bf16 input, bf16 weight, float32 stats", lambda: (x(dtype=torch.bfloat16), *stats(), torch.ones(C, dtype=torch.bfloat16), None, False)),
+    ("float32 input, float64 running_var", lambda: (x(), torch.zeros(C), torch.ones(C, dtype=torch.float64), None, None, False)),
+    ("1-D input with stats", lambda: (torch.randn(C), *stats(), None, None, False)),
+    ("running stats require grad (train)", lambda: (x(), torch.zeros(C, requires_grad=True), torch.ones(C, requires_grad=True), None, None, True)),
+    ("running stats require grad (eval)", lambda: (x(), torch.zeros(C), torch.ones(C, requires_grad=True), None, None, False)),
+    ("weight on meta", lambda: (x(), *stats(), torch.ones(C, device="meta"), None, True)),
+    ("running stats on meta", lambda: (x(), torch.zeros(C, device="meta"), torch.ones(C, device="meta"), None, None, False)),
+]
+
+
+def call(fn, args):
+    args = list(args)
+    kwargs = dict(zip(["weight", "bias", "training", "momentum", "eps"], args[3:]))
+    return fn(args[0], args[1], args[2], **kwargs)
+
+
+@pytest.mark.parametrize("make_args", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_same_exception_as_native(make_args):
+    torch.manual_seed(0)
+    with pytest.raises(Exception) as native:
+        call(F.batch_norm, make_args())
+    with pytest.raises(Exception) as ours:
+        call(batchnorm_ext.batch_norm, make_args())
+    assert type(ours.value) is type(native.value), (ours.value, native.value)
+    # The messages say the same thing; most are word for word native's.
+    assert str(ours.value).split()[0] == str(native.value).split()[0] or \
+        type(native.value) is RuntimeError, (str(ours.value), str(native.value))
+
+
+def test_messages_are_native_ones_where_it_matters():
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, "
+                                         r"got input size torch.Size\(\[1, 3, 1, 1\]\)"):
+        batchnorm_ext.batch_norm(torch.randn(1, 3, 1, 1), None, None, training=True)
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training"):
+        batchnorm_ext.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):
+        batchnorm_ext.batch_norm(torch.randn(4, 3), None, None, torch.ones(4), training=True)
+    with pytest.raises(NotImplementedError, match="\"batch_norm\" not implemented for 'Long'"):
+        batchnorm_ext.batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True)
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        batchnorm_ext.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+def test_momentum_none_in_functional_is_a_type_error_as_native():
+    with pytest.raises(TypeError):
+        F.batch_norm(torch.randn(4, 3), *stats(), training=True, momentum=None)
+    with pytest.raises(TypeError):
+        batchnorm_ext.batch_norm(torch.randn(4, 3), *stats(), training=True, momentum=None)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, C), (0, C, 2, 2), (2, C, 0), (4, 0, 5)])
+def test_empty_input_like_native(shape, training):
+    """numel() == 0: an empty output, running statistics untouched, no crash."""
+    for fn in (F.batch_norm, batchnorm_ext.batch_norm):
+        running_mean = torch.full((shape[1],), 0.5)
+        running_var = torch.full((shape[1],), 2.0)
+        out = fn(torch.randn(shape), running_mean, running_var, training=training)
+        assert out.shape == shape
+        assert torch.equal(running_mean, torch.full((shape[1],), 0.5))
+        assert torch.equal(running_var, torch.full((shape[1],), 2.0))
+
+
+def test_empty_batch_gradients_like_native():
+    grads = []
+    for fn in (F.batch_norm, batchnorm_ext.batch_norm):
+        xx = torch.randn(0, C, 2, 2, requires_grad=True)
+        w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+        fn(xx, None, None, w, b, training=True).sum().backward()
+        grads.append((xx.grad.shape, w.grad, b.grad))
+    assert grads[0][0] == grads[1][0]
+    assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
+
+
+def test_direct_operator_calls_check_their_arguments():
+    ops = batchnorm_ext.ops
+    with pytest.raises(RuntimeError, match="weight should contain"):
+        ops.batch_norm_forward(torch.randn(4, 3), torch.ones(5), None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="must be defined in evaluation mode"):
+        ops.batch_norm_forward(torch.randn(4, 3), None, None, None, None, False, 1e-5)
+    out, mean, var = ops.batch_norm_forward(torch.randn(4, 3), None, None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_output of size"):
+        ops.batch_norm_backward(torch.randn(4, 2), torch.randn(4, 3), None, None, None, mean, var,
+                                True, 1e-5, [True, True, True])
+    with pytest.raises(RuntimeError, match="batch statistics"):
+        ops.batch_norm_backward(out, torch.randn(4, 3), None, None, None, mean[:2], var, True,
+                                1e-5, [True, True, True])
+    with pytest.raises(RuntimeError, match="needs num_batches_tracked"):
+        ops.update_running_stats_(torch.zeros(3), torch.ones(3), mean, var, 4, None, None)
+    with pytest.raises(ValueError, match="CPU capability"):
+        batchnorm_ext.set_cpu_capability("SSE9")
