@@ -6,6 +6,8 @@ statistics, as custom operators with autograd.
     y = batchnorm_ext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
     model = batchnorm_ext.convert_model(model)    # every torch.nn.BatchNorm*d swapped
 """
+import torch  # noqa: F401  (first: _C links against torch's libraries, loaded by it)
+
 from . import _C
 from ._ops import ops
 from .functional import batch_norm

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace batchnorm_ext::cpu {
@@ -287,13 +288,21 @@ struct ChannelsFirstBlocks {
   }
 };
 
-// Apply alone (eval forward, eval grad_input): no statistics to wait for.
+// Apply alone (eval forward, eval grad_input, and after the statistics of few channels):
+// in memory order, plane after plane, long planes in pieces, so that reads and writes
+// stream.
 template <typename Apply>
 void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
-  const int64_t per_channel = blocks.per_channel;
-  const int64_t grain = std::max<int64_t>(1, kGrain / kBlockValues);
-  at::parallel_for(0, blocks.g.channels * per_channel, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) apply(u / per_channel, blocks(u / per_channel, u % per_channel));
+  const Geometry& g = blocks.g;
+  const int64_t pieces = blocks.pieces_per_plane;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(g.inner, kBlockValues));
+  at::parallel_for(0, g.batch * g.channels * pieces, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t plane = u / pieces;
+      const int64_t start = (u % pieces) * blocks.piece_len;
+      apply(plane % g.channels,
+            Block{plane * g.inner + start, 1, std::min(blocks.piece_len, g.inner - start), 0});
+    }
   });
 }
 
@@ -394,31 +403,49 @@ struct LaneSums {
   explicit LaneSums(int64_t width) : mean(width), dev(width), sq(width) {}
 };
 
+// Calls f(G, k) for groups of G vectors of lanes, [k, k + G * lanes), that cover a
+// period: G = 4 where it can, so that four independent accumulators hide the add latency.
+template <typename T, typename F>
+void for_each_column_group(int64_t period, F f) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t k = 0;
+  for (; k + 4 * L <= period; k += 4 * L) f(std::integral_constant<int, 4>{}, k);
+  switch ((period - k) / L) {
+    case 3: f(std::integral_constant<int, 3>{}, k); break;
+    case 2: f(std::integral_constant<int, 2>{}, k); break;
+    case 1: f(std::integral_constant<int, 1>{}, k); break;
+    default: break;
+  }
+}
+
 template <typename T>
 void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out) {
   using acc_t = opmath_t<T>;
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = kLanes<T>;
   const Vec inv_n(acc_t(1) / acc_t(n));
-  for (int64_t k = 0; k < period; k += kLanes<T>) {
-    const T* column = x + k;
-    Vec sum[2] = {Vec(0), Vec(0)};
-    int64_t r = 0;
-    for (; r + 1 < n; r += 2) {
-      sum[0] += load_vec(column + r * period);
-      sum[1] += load_vec(column + (r + 1) * period);
+  for_each_column_group<T>(period, [&](auto group, int64_t k) {
+    constexpr int G = decltype(group)::value;
+    const T* columns = x + k;
+    Vec sum[G], mean[G], dev[G], sq[G];
+    for (int g = 0; g < G; ++g) sum[g] = dev[g] = sq[g] = Vec(0);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int g = 0; g < G; ++g) sum[g] += load_vec(columns + r * period + g * L);
     }
-    if (r < n) sum[0] += load_vec(column + r * period);
-    const Vec mean = (sum[0] + sum[1]) * inv_n;
-    Vec dev(0), sq(0);
-    for (r = 0; r < n; ++r) {
-      const Vec d = load_vec(column + r * period) - mean;
-      dev += d;
-      sq = at::vec::fmadd(d, d, sq);
+    for (int g = 0; g < G; ++g) mean[g] = sum[g] * inv_n;
+    for (int64_t r = 0; r < n; ++r) {
+      for (int g = 0; g < G; ++g) {
+        const Vec d = load_vec(columns + r * period + g * L) - mean[g];
+        dev[g] += d;
+        sq[g] = at::vec::fmadd(d, d, sq[g]);
+      }
     }
-    mean.store(out.mean.data() + k);
-    dev.store(out.dev.data() + k);
-    sq.store(out.sq.data() + k);
-  }
+    for (int g = 0; g < G; ++g) {
+      mean[g].store(out.mean.data() + k + g * L);
+      dev[g].store(out.dev.data() + k + g * L);
+      sq[g].store(out.sq.data() + k + g * L);
+    }
+  });
 }
 
 // Chan's merge of (other_count, other_mean, other_m2) into one lane.
@@ -534,23 +561,32 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const Cha
     for (int64_t b = first; b < last; ++b) {
       const int64_t offset = plan.first_period(b) * P;
       const int64_t n = plan.periods_in(b);
-      for (int64_t k = 0; k < P; k += kLanes<T>) {
-        const Vec mean = Vec::loadu(mean_pattern.data() + k);
-        Vec dy_sum(0), dy_xmu_sum(0);
+      for_each_column_group<T>(P, [&](auto group, int64_t k) {
+        constexpr int G = decltype(group)::value;
+        constexpr int64_t L = kLanes<T>;
+        Vec mean[G], dy_sum[G], dy_xmu_sum[G];
+        for (int g = 0; g < G; ++g) {
+          mean[g] = Vec::loadu(mean_pattern.data() + k + g * L);
+          dy_sum[g] = dy_xmu_sum[g] = Vec(0);
+        }
         for (int64_t r = 0; r < n; ++r) {
-          const int64_t i = offset + r * P + k;
-          const Vec g = load_vec(dy + i);
-          dy_sum += g;
-          dy_xmu_sum = at::vec::fmadd(g, load_vec(x + i) - mean, dy_xmu_sum);
+          for (int g = 0; g < G; ++g) {
+            const int64_t i = offset + r * P + k + g * L;
+            const Vec grad = load_vec(dy + i);
+            dy_sum[g] += grad;
+            dy_xmu_sum[g] = at::vec::fmadd(grad, load_vec(x + i) - mean[g], dy_xmu_sum[g]);
+          }
         }
-        acc_t lanes_dy[kLanes<T>], lanes_dy_xmu[kLanes<T>];
-        dy_sum.store(lanes_dy);
-        dy_xmu_sum.store(lanes_dy_xmu);
-        for (int64_t l = 0; l < kLanes<T>; ++l) {
-          out[k + l] += lanes_dy[l];
-          out[P + k + l] += lanes_dy_xmu[l];
+        for (int g = 0; g < G; ++g) {
+          acc_t lanes_dy[L], lanes_dy_xmu[L];
+          dy_sum[g].store(lanes_dy);
+          dy_xmu_sum[g].store(lanes_dy_xmu);
+          for (int64_t l = 0; l < L; ++l) {
+            out[k + g * L + l] += lanes_dy[l];
+            out[P + k + g * L + l] += lanes_dy_xmu[l];
+          }
         }
-      }
+      });
     }
   });
 
