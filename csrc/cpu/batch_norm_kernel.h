@@ -21,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
 #include <type_traits>
@@ -54,12 +55,25 @@ inline Vectorized<opmath_t<T>> load_vec(const T* p) {
   }
 }
 
+// The first `count` (< kLanes) values at p, the other lanes set to `fill`: the end of a
+// run is one masked vector rather than a scalar loop.
 template <typename T>
-inline void store_vec(T* p, const Vectorized<opmath_t<T>>& v) {
+inline Vectorized<opmath_t<T>> load_vec(const T* p, int64_t count, opmath_t<T> fill) {
+  using Vec = Vectorized<opmath_t<T>>;
   if constexpr (at::is_reduced_floating_point_v<T>) {
-    at::vec::convert_from_float<T>(v, v).store(p, kLanes<T>);
+    const auto wide = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count));
+    return Vec::set(Vec(fill), std::get<0>(wide), count);
   } else {
-    v.store(p);
+    return Vec::set(Vec(fill), Vec::loadu(p, count), count);
+  }
+}
+
+template <typename T>
+inline void store_vec(T* p, const Vectorized<opmath_t<T>>& v, int64_t count = kLanes<T>) {
+  if constexpr (at::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, count);
+  } else {
+    v.store(p, count);
   }
 }
 
@@ -78,37 +92,34 @@ inline typename V::value_type sum_lanes(const V& v) {
   return at::vec::vec_reduce_all<typename V::value_type>([](V a, V b) { return a + b; }, v);
 }
 
-// Calls vector_step(j, v) for each full vector of the run x[0, len), j = 0..3 cycling so
-// that a caller can keep four independent accumulators (one add chain would wait on the
-// add latency), then scalar_step(value) for the values left over.
-template <typename T, typename VectorStep, typename ScalarStep>
-inline void for_each_value(const T* x, int64_t len, VectorStep vector_step, ScalarStep scalar_step) {
+// Calls step(j, v) for each vector of the run x[0, len), j = 0..3 cycling so that a caller
+// can keep four independent accumulators (one add chain would wait on the add latency).
+// The last vector may be partial: its missing lanes hold `fill`.
+template <typename T, typename Step>
+inline void for_each_vector(const T* x, int64_t len, opmath_t<T> fill, Step step) {
   constexpr int64_t L = kLanes<T>;
   int64_t i = 0;
   for (; i + 4 * L <= len; i += 4 * L) {
-    vector_step(0, load_vec(x + i));
-    vector_step(1, load_vec(x + i + L));
-    vector_step(2, load_vec(x + i + 2 * L));
-    vector_step(3, load_vec(x + i + 3 * L));
+    step(0, load_vec(x + i));
+    step(1, load_vec(x + i + L));
+    step(2, load_vec(x + i + 2 * L));
+    step(3, load_vec(x + i + 3 * L));
   }
-  for (; i + L <= len; i += L) vector_step(0, load_vec(x + i));
-  for (; i < len; ++i) scalar_step(static_cast<opmath_t<T>>(x[i]));
+  for (; i + L <= len; i += L) step(0, load_vec(x + i));
+  if (i < len) step(1, load_vec(x + i, len - i, fill));
 }
 
-// The same over two runs read side by side (input and grad_output).
-template <typename T, typename VectorStep, typename ScalarStep>
-inline void for_each_pair(const T* x, const T* y, int64_t len, VectorStep vector_step,
-                          ScalarStep scalar_step) {
+// The same over two runs read side by side (input and grad_output); missing lanes are 0.
+template <typename T, typename Step>
+inline void for_each_vector_pair(const T* x, const T* y, int64_t len, Step step) {
   constexpr int64_t L = kLanes<T>;
   int64_t i = 0;
   for (; i + 2 * L <= len; i += 2 * L) {
-    vector_step(0, load_vec(x + i), load_vec(y + i));
-    vector_step(1, load_vec(x + i + L), load_vec(y + i + L));
+    step(0, load_vec(x + i), load_vec(y + i));
+    step(1, load_vec(x + i + L), load_vec(y + i + L));
   }
-  for (; i + L <= len; i += L) vector_step(0, load_vec(x + i), load_vec(y + i));
-  for (; i < len; ++i) {
-    scalar_step(static_cast<opmath_t<T>>(x[i]), static_cast<opmath_t<T>>(y[i]));
-  }
+  for (; i + L <= len; i += L) step(0, load_vec(x + i), load_vec(y + i));
+  if (i < len) step(1, load_vec(x + i, len - i, 0), load_vec(y + i, len - i, 0));
 }
 
 // out[i] = f(in[i]...) over a run of values; f is a generic lambda that works on a
@@ -118,7 +129,7 @@ inline void map_run(T* out, int64_t len, const F& f, const In*... in) {
   constexpr int64_t L = kLanes<T>;
   int64_t i = 0;
   for (; i + L <= len; i += L) store_vec(out + i, f(load_vec(in + i)...));
-  for (; i < len; ++i) out[i] = static_cast<T>(f(static_cast<opmath_t<T>>(in[i])...));
+  if (i < len) store_vec(out + i, f(load_vec(in + i, len - i, 0)...), len - i);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -171,35 +182,25 @@ Moments block_moments(const T* data, const Block& block) {
   using Vec = Vectorized<acc_t>;
 
   Vec sum[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
-  acc_t tail_sum = 0;
   block.for_each_run([&](int64_t offset, int64_t len) {
-    for_each_value(
-        data + offset, len, [&](int j, Vec x) { sum[j] += x; }, [&](acc_t x) { tail_sum += x; });
+    for_each_vector(data + offset, len, acc_t(0), [&](int j, Vec x) { sum[j] += x; });
   });
   const double count = static_cast<double>(block.count());
-  const acc_t mean = static_cast<acc_t>(
-      (sum_lanes((sum[0] + sum[1]) + (sum[2] + sum[3])) + tail_sum) / count);
+  const acc_t mean = static_cast<acc_t>(sum_lanes((sum[0] + sum[1]) + (sum[2] + sum[3])) / count);
 
   const Vec mean_vec(mean);
   Vec dev[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
   Vec sq[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
-  acc_t tail_dev = 0, tail_sq = 0;
   block.for_each_run([&](int64_t offset, int64_t len) {
-    for_each_value(
-        data + offset, len,
-        [&](int j, Vec x) {
-          const Vec d = x - mean_vec;
-          dev[j] += d;
-          sq[j] = at::vec::fmadd(d, d, sq[j]);
-        },
-        [&](acc_t x) {
-          const acc_t d = x - mean;
-          tail_dev += d;
-          tail_sq += d * d;
-        });
+    // Missing lanes of a last partial vector hold the mean: their deviation is 0.
+    for_each_vector(data + offset, len, mean, [&](int j, Vec x) {
+      const Vec d = x - mean_vec;
+      dev[j] += d;
+      sq[j] = at::vec::fmadd(d, d, sq[j]);
+    });
   });
-  const double d_sum = sum_lanes((dev[0] + dev[1]) + (dev[2] + dev[3])) + double(tail_dev);
-  const double d2_sum = sum_lanes((sq[0] + sq[1]) + (sq[2] + sq[3])) + double(tail_sq);
+  const double d_sum = sum_lanes((dev[0] + dev[1]) + (dev[2] + dev[3]));
+  const double d2_sum = sum_lanes((sq[0] + sq[1]) + (sq[2] + sq[3]));
   return {block.count(), mean + d_sum / count, std::max(0.0, d2_sum - d_sum * d_sum / count)};
 }
 
@@ -217,26 +218,18 @@ inline void merge(GradSums& a, const GradSums& b) {
 template <typename T>
 GradSums block_grad_sums(const T* input, const T* grad_output, const Block& block,
                          opmath_t<T> mean) {
-  using acc_t = opmath_t<T>;
-  using Vec = Vectorized<acc_t>;
+  using Vec = Vectorized<opmath_t<T>>;
   const Vec mean_vec(mean);
   Vec dy_sum[2] = {Vec(0), Vec(0)};
   Vec dy_xmu_sum[2] = {Vec(0), Vec(0)};
-  acc_t tail_dy = 0, tail_dy_xmu = 0;
   block.for_each_run([&](int64_t offset, int64_t len) {
-    for_each_pair(
-        input + offset, grad_output + offset, len,
-        [&](int j, Vec x, Vec dy) {
-          dy_sum[j] += dy;
-          dy_xmu_sum[j] = at::vec::fmadd(dy, x - mean_vec, dy_xmu_sum[j]);
-        },
-        [&](acc_t x, acc_t dy) {
-          tail_dy += dy;
-          tail_dy_xmu += dy * (x - mean);
-        });
+    // Missing lanes of a last partial vector have dy = 0 and add nothing.
+    for_each_vector_pair(input + offset, grad_output + offset, len, [&](int j, Vec x, Vec dy) {
+      dy_sum[j] += dy;
+      dy_xmu_sum[j] = at::vec::fmadd(dy, x - mean_vec, dy_xmu_sum[j]);
+    });
   });
-  return {sum_lanes(dy_sum[0] + dy_sum[1]) + double(tail_dy),
-          sum_lanes(dy_xmu_sum[0] + dy_xmu_sum[1]) + double(tail_dy_xmu)};
+  return {sum_lanes(dy_sum[0] + dy_sum[1]), sum_lanes(dy_xmu_sum[0] + dy_xmu_sum[1])};
 }
 
 // Values of work below which a loop is not worth a parallel region (ATen uses the same).
@@ -264,7 +257,9 @@ struct ChannelsFirstBlocks {
     if (g.inner >= kBlockValues) {
       planes_per_block = 1;
       pieces_per_plane = divup(g.inner, kBlockValues);
-      piece_len = divup(g.inner, pieces_per_plane);
+      // Whole cache lines of 64 values, so that every piece starts aligned.
+      piece_len = divup(divup(g.inner, pieces_per_plane), 64) * 64;
+      pieces_per_plane = divup(g.inner, piece_len);
       per_channel = g.batch * pieces_per_plane;
     } else {
       planes_per_block = std::max<int64_t>(1, kBlockValues / g.inner);
@@ -378,7 +373,8 @@ struct ChannelsLastPlan {
     rows = g.count();
     periods = rows * channels / period;
     tail_begin = periods * period;
-    periods_per_block = std::max<int64_t>(8, kBlockValues * 2 / period);
+    // 64 rows: each column of lanes (a few cache lines per row) stays in L1 between sweeps.
+    periods_per_block = 64;
     blocks = divup(periods, periods_per_block);
     // Chunks have a fixed size, never one per thread: the result must not depend on the
     // number of threads.  At most 256 of them, which bounds the scratch space.
@@ -603,25 +599,7 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const Cha
   return channel;
 }
 
-// out = f(in..., lane) over all the data: vectors over full periods, single values after.
-// f reads its per-lane coefficients at `lane`, an index into P-long patterns.
-template <typename T, typename F, typename... In>
-void channels_last_map(const ChannelsLastPlan& plan, T* out, const F& f, const In*... in) {
-  using acc_t = opmath_t<T>;
-  const int64_t P = plan.period;
-  const int64_t grain = std::max<int64_t>(1, kGrain / P);
-  at::parallel_for(0, plan.periods, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * P; i < end * P; i += P) {
-      for (int64_t k = 0; k < P; k += kLanes<T>) store_vec(out + i + k, f(load_vec(in + i + k)..., k));
-    }
-  });
-  for (int64_t i = plan.tail_begin; i < plan.rows * plan.channels; ++i) {
-    // The patterns repeat every C lanes, so lane i % C holds value i's coefficients.
-    out[i] = static_cast<T>(f(static_cast<acc_t>(in[i])..., i % plan.channels));
-  }
-}
-
-// A per-channel coefficient repeated over a period, and read back as vector or value.
+// A per-channel coefficient repeated over a period: the coefficient of every lane.
 template <typename A>
 std::vector<A> lane_pattern(const std::vector<A>& per_channel, int64_t period) {
   std::vector<A> pattern(period);
@@ -629,12 +607,44 @@ std::vector<A> lane_pattern(const std::vector<A>& per_channel, int64_t period) {
   return pattern;
 }
 
-template <typename V, typename A>
-inline V lanes_at(const std::vector<A>& pattern, int64_t lane) {
-  if constexpr (std::is_same_v<V, A>) {
-    return pattern[lane];
-  } else {
-    return V::loadu(pattern.data() + lane);
+// out = f(c, in...) over all the data, where c holds the NP coefficients of each value's
+// lane, taken from NP lane patterns: vectors over the full periods, single values after.
+// Rows are walked a group of columns at a time, so a group's coefficients are loaded once
+// into registers and reused down the rows.
+template <int NP, typename T, typename F, typename... In>
+void channels_last_map(const ChannelsLastPlan& plan,
+                       const std::array<const opmath_t<T>*, NP>& patterns, T* out, const F& f,
+                       const In*... in) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t P = plan.period;
+  const int64_t rows_per_task = std::clamp<int64_t>(4 * kBlockValues / P, 1, 64);
+  const int64_t tasks = divup(plan.periods, rows_per_task);
+  const int64_t grain = std::max<int64_t>(1, kGrain / (rows_per_task * P));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = task * rows_per_task;
+      const int64_t last = std::min(plan.periods, first + rows_per_task);
+      for_each_column_group<T>(P, [&](auto group, int64_t k) {
+        constexpr int G = decltype(group)::value;
+        std::array<Vec, NP> c[G];
+        for (int g = 0; g < G; ++g) {
+          for (int q = 0; q < NP; ++q) c[g][q] = Vec::loadu(patterns[q] + k + g * L);
+        }
+        for (int64_t row = first; row < last; ++row) {
+          for (int g = 0; g < G; ++g) {
+            const int64_t i = row * P + k + g * L;
+            store_vec(out + i, f(c[g], load_vec(in + i)...));
+          }
+        }
+      });
+    }
+  });
+  for (int64_t i = plan.tail_begin; i < plan.rows * plan.channels; ++i) {
+    std::array<acc_t, NP> c;  // lane i % C: the patterns repeat every C lanes
+    for (int q = 0; q < NP; ++q) c[q] = patterns[q][i % plan.channels];
+    out[i] = static_cast<T>(f(c, static_cast<acc_t>(in[i])...));
   }
 }
 
@@ -701,10 +711,8 @@ void forward_typed(const ForwardArgs& args) {
   const auto mean_p = lane_pattern(mean, plan.period);
   const auto scale_p = lane_pattern(scale, plan.period);
   const auto shift_p = lane_pattern(shift, plan.period);
-  channels_last_map(plan, y, [&](auto v, int64_t lane) {
-    using V = decltype(v);
-    return (v - lanes_at<V>(mean_p, lane)) * lanes_at<V>(scale_p, lane) + lanes_at<V>(shift_p, lane);
-  }, x);
+  channels_last_map<3>(plan, {mean_p.data(), scale_p.data(), shift_p.data()}, y,
+                       [](const auto& c, auto v) { return (v - c[0]) * c[1] + c[2]; }, x);
 }
 
 template <typename T, typename P>
@@ -792,19 +800,16 @@ void backward_typed(const BackwardArgs& args) {
   if (!dx) return;
   const auto k_dy_p = lane_pattern(k_dy, plan.period);
   if (!args.training) {
-    channels_last_map(plan, dx, [&](auto grad, int64_t lane) {
-      using V = decltype(grad);
-      return dx_eval(grad, lanes_at<V>(k_dy_p, lane));
-    }, dy);
+    channels_last_map<1>(plan, {k_dy_p.data()}, dx,
+                         [&](const auto& c, auto grad) { return dx_eval(grad, c[0]); }, dy);
     return;
   }
   const auto k_x_p = lane_pattern(k_x, plan.period);
   const auto k_c_p = lane_pattern(k_c, plan.period);
-  channels_last_map(plan, dx, [&](auto grad, auto v, int64_t lane) {
-    using V = decltype(v);
-    return dx_train(grad, v, lanes_at<V>(k_dy_p, lane), lanes_at<V>(k_x_p, lane),
-                    lanes_at<V>(k_c_p, lane), lanes_at<V>(mean_p, lane));
-  }, dy, x);
+  channels_last_map<4>(
+      plan, {k_dy_p.data(), k_x_p.data(), k_c_p.data(), mean_p.data()}, dx,
+      [&](const auto& c, auto grad, auto v) { return dx_train(grad, v, c[0], c[1], c[2], c[3]); },
+      dy, x);
 }
 
 // One function per entry point, one instantiation per (input, parameter) dtype pair.
