@@ -373,8 +373,9 @@ struct ChannelsLastPlan {
     rows = g.count();
     periods = rows * channels / period;
     tail_begin = periods * period;
-    // 64 rows: each column of lanes (a few cache lines per row) stays in L1 between sweeps.
-    periods_per_block = 64;
+    // About 4096 values (16 KiB of floats, in L1 between the two sweeps), and at least 16
+    // rows so that merging blocks costs little next to reading them.
+    periods_per_block = std::clamp<int64_t>(2 * kBlockValues / period, 16, 64);
     blocks = divup(periods, periods_per_block);
     // Chunks have a fixed size, never one per thread: the result must not depend on the
     // number of threads.  At most 256 of them, which bounds the scratch space.
@@ -419,19 +420,26 @@ void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
   using acc_t = opmath_t<T>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = kLanes<T>;
+  // Sweep 1, row after row as the data lies in memory (so that it streams): the sum of
+  // every lane, kept in out.mean.
+  acc_t* sum = out.mean.data();
+  for (int64_t k = 0; k < period; k += L) load_vec(x + k).store(sum + k);
+  for (int64_t r = 1; r < n; ++r) {
+    for (int64_t k = 0; k < period; k += L) (Vec::loadu(sum + k) + load_vec(x + r * period + k)).store(sum + k);
+  }
+  // Sweep 2, over the block now in L1: a group of columns at a time, so that the
+  // accumulators are registers.
   const Vec inv_n(acc_t(1) / acc_t(n));
   for_each_column_group<T>(period, [&](auto group, int64_t k) {
     constexpr int G = decltype(group)::value;
-    const T* columns = x + k;
-    Vec sum[G], mean[G], dev[G], sq[G];
-    for (int g = 0; g < G; ++g) sum[g] = dev[g] = sq[g] = Vec(0);
-    for (int64_t r = 0; r < n; ++r) {
-      for (int g = 0; g < G; ++g) sum[g] += load_vec(columns + r * period + g * L);
+    Vec mean[G], dev[G], sq[G];
+    for (int g = 0; g < G; ++g) {
+      mean[g] = Vec::loadu(sum + k + g * L) * inv_n;
+      dev[g] = sq[g] = Vec(0);
     }
-    for (int g = 0; g < G; ++g) mean[g] = sum[g] * inv_n;
     for (int64_t r = 0; r < n; ++r) {
       for (int g = 0; g < G; ++g) {
-        const Vec d = load_vec(columns + r * period + g * L) - mean[g];
+        const Vec d = load_vec(x + r * period + k + g * L) - mean[g];
         dev[g] += d;
         sq[g] = at::vec::fmadd(d, d, sq[g]);
       }
@@ -552,37 +560,29 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const Cha
   const int64_t C = plan.channels;
 
   const std::vector<double> chunk_sums = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
+    // Per block, row after row (as the data lies in memory), sums per lane in float; then
+    // added to the chunk's sums in double.
+    std::vector<acc_t> dy_sum(P), dy_xmu_sum(P);
     const int64_t first = chunk * plan.blocks_per_chunk;
     const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
     for (int64_t b = first; b < last; ++b) {
-      const int64_t offset = plan.first_period(b) * P;
-      const int64_t n = plan.periods_in(b);
-      for_each_column_group<T>(P, [&](auto group, int64_t k) {
-        constexpr int G = decltype(group)::value;
-        constexpr int64_t L = kLanes<T>;
-        Vec mean[G], dy_sum[G], dy_xmu_sum[G];
-        for (int g = 0; g < G; ++g) {
-          mean[g] = Vec::loadu(mean_pattern.data() + k + g * L);
-          dy_sum[g] = dy_xmu_sum[g] = Vec(0);
+      std::fill(dy_sum.begin(), dy_sum.end(), acc_t(0));
+      std::fill(dy_xmu_sum.begin(), dy_xmu_sum.end(), acc_t(0));
+      const int64_t end_row = plan.first_period(b) + plan.periods_in(b);
+      for (int64_t r = plan.first_period(b); r < end_row; ++r) {
+        for (int64_t k = 0; k < P; k += kLanes<T>) {
+          const int64_t i = r * P + k;
+          const Vec grad = load_vec(dy + i);
+          (Vec::loadu(dy_sum.data() + k) + grad).store(dy_sum.data() + k);
+          at::vec::fmadd(grad, load_vec(x + i) - Vec::loadu(mean_pattern.data() + k),
+                         Vec::loadu(dy_xmu_sum.data() + k))
+              .store(dy_xmu_sum.data() + k);
         }
-        for (int64_t r = 0; r < n; ++r) {
-          for (int g = 0; g < G; ++g) {
-            const int64_t i = offset + r * P + k + g * L;
-            const Vec grad = load_vec(dy + i);
-            dy_sum[g] += grad;
-            dy_xmu_sum[g] = at::vec::fmadd(grad, load_vec(x + i) - mean[g], dy_xmu_sum[g]);
-          }
-        }
-        for (int g = 0; g < G; ++g) {
-          acc_t lanes_dy[L], lanes_dy_xmu[L];
-          dy_sum[g].store(lanes_dy);
-          dy_xmu_sum[g].store(lanes_dy_xmu);
-          for (int64_t l = 0; l < L; ++l) {
-            out[k + g * L + l] += lanes_dy[l];
-            out[P + k + g * L + l] += lanes_dy_xmu[l];
-          }
-        }
-      });
+      }
+      for (int64_t l = 0; l < P; ++l) {
+        out[l] += dy_sum[l];
+        out[P + l] += dy_xmu_sum[l];
+      }
     }
   });
 
@@ -619,28 +619,39 @@ void channels_last_map(const ChannelsLastPlan& plan,
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = kLanes<T>;
   const int64_t P = plan.period;
-  const int64_t rows_per_task = std::clamp<int64_t>(4 * kBlockValues / P, 1, 64);
-  const int64_t tasks = divup(plan.periods, rows_per_task);
-  const int64_t grain = std::max<int64_t>(1, kGrain / (rows_per_task * P));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t first = task * rows_per_task;
-      const int64_t last = std::min(plan.periods, first + rows_per_task);
+  // Memory is walked in order: going back to earlier rows for the next group of columns
+  // measured twice as slow.  So coefficients stay in registers over many rows only when
+  // one group of columns is the whole period (C up to 4 vectors of lanes, or C = 3).
+  if (P <= 4 * L) {
+    const int64_t rows_per_task = std::clamp<int64_t>(kBlockValues / P, 1, 64);
+    const int64_t grain = std::max<int64_t>(1, kGrain / (rows_per_task * P));
+    at::parallel_for(0, divup(plan.periods, rows_per_task), grain, [&](int64_t begin, int64_t end) {
       for_each_column_group<T>(P, [&](auto group, int64_t k) {
         constexpr int G = decltype(group)::value;
         std::array<Vec, NP> c[G];
         for (int g = 0; g < G; ++g) {
           for (int q = 0; q < NP; ++q) c[g][q] = Vec::loadu(patterns[q] + k + g * L);
         }
-        for (int64_t row = first; row < last; ++row) {
+        const int64_t last = std::min(plan.periods, end * rows_per_task);
+        for (int64_t row = begin * rows_per_task; row < last; ++row) {
           for (int g = 0; g < G; ++g) {
             const int64_t i = row * P + k + g * L;
             store_vec(out + i, f(c[g], load_vec(in + i)...));
           }
         }
       });
-    }
-  });
+    });
+  } else {  // longer periods: the coefficients are loaded (from L1) with each vector
+    at::parallel_for(0, plan.periods, std::max<int64_t>(1, kGrain / P), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * P; i < end * P; i += P) {
+        for (int64_t k = 0; k < P; k += L) {
+          std::array<Vec, NP> c;
+          for (int q = 0; q < NP; ++q) c[q] = Vec::loadu(patterns[q] + k);
+          store_vec(out + i + k, f(c, load_vec(in + i + k)...));
+        }
+      }
+    });
+  }
   for (int64_t i = plan.tail_begin; i < plan.rows * plan.channels; ++i) {
     std::array<acc_t, NP> c;  // lane i % C: the patterns repeat every C lanes
     for (int q = 0; q < NP; ++q) c[q] = patterns[q][i % plan.channels];
