@@ -77,6 +77,49 @@ inline void store_vec(T* p, const Vectorized<opmath_t<T>>& v, int64_t count = kL
   }
 }
 
+// Stores past the caches (non-temporal): for an output too large to stay in cache, each
+// line is then written without first being read in.  p must be aligned to the vector size.
+template <typename T>
+inline void stream_vec(T* p, const Vectorized<opmath_t<T>>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+  } else {  // 16 bfloat16/half values: the low half of the converted vector
+    const __m512i packed = at::vec::convert_from_float<T>(v, v);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    const __m256i packed = at::vec::convert_from_float<T>(v, v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+#else
+  store_vec(p, v);
+#endif
+}
+
+// Streaming stores are not ordered with ordinary ones: fence them before the data is used.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+template <bool kStream, typename T>
+inline void put_vec(T* p, const Vectorized<opmath_t<T>>& v) {
+  if constexpr (kStream) {
+    stream_vec(p, v);
+  } else {
+    store_vec(p, v);
+  }
+}
+
 // a * b + c, for a vector (one fused instruction) or a single value.
 template <typename V>
 inline V multiply_add(const V& a, const V& b, const V& c) {
@@ -123,13 +166,40 @@ inline void for_each_vector_pair(const T* x, const T* y, int64_t len, Step step)
 }
 
 // out[i] = f(in[i]...) over a run of values; f is a generic lambda that works on a
-// vector and on a single value alike (coefficients are broadcast with V(c)).
-template <typename T, typename F, typename... In>
+// vector and on a single value alike (coefficients are broadcast with V(c)).  With
+// kStream, stores past the cache from the first vector-aligned address on.
+template <bool kStream, typename T, typename F, typename... In>
 inline void map_run(T* out, int64_t len, const F& f, const In*... in) {
   constexpr int64_t L = kLanes<T>;
   int64_t i = 0;
-  for (; i + L <= len; i += L) store_vec(out + i, f(load_vec(in + i)...));
+  if constexpr (kStream) {
+    const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) / sizeof(T)) % L;
+    if (misaligned != 0) {
+      i = std::min(len, L - misaligned);
+      store_vec(out, f(load_vec(in, i, 0)...), i);
+    }
+  }
+  for (; i + L <= len; i += L) put_vec<kStream>(out + i, f(load_vec(in + i)...));
   if (i < len) store_vec(out + i, f(load_vec(in + i, len - i, 0)...), len - i);
+}
+
+template <typename T, typename F, typename... In>
+inline void map_run(bool stream, T* out, int64_t len, const F& f, const In*... in) {
+  if (stream) {
+    map_run<true>(out, len, f, in...);
+  } else {
+    map_run<false>(out, len, f, in...);
+  }
+}
+
+// Outputs at least this large are written with streaming stores: they would not stay in
+// the last-level cache anyway (32 MiB, shared, on the machines this was measured on).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+template <typename T>
+bool streams(const T* out, const Geometry& g) {
+  const int64_t bytes = g.count() * g.channels * int64_t(sizeof(T));
+  return bytes >= kStreamBytes && reinterpret_cast<uintptr_t>(out) % (kLanes<T> * sizeof(T)) == 0;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -298,6 +368,7 @@ void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
       apply(plane % g.channels,
             Block{plane * g.inner + start, 1, std::min(blocks.piece_len, g.inner - start), 0});
     }
+    stream_fence();
   });
 }
 
@@ -327,6 +398,7 @@ void channels_first_reduce_apply(const ChannelsFirstBlocks& blocks, Reduce reduc
         finish(c, total);
         for (int64_t b = 0; b < per_channel; ++b) apply(c, blocks(c, b));
       }
+      stream_fence();
     });
     return;
   }
@@ -609,9 +681,8 @@ std::vector<A> lane_pattern(const std::vector<A>& per_channel, int64_t period) {
 
 // out = f(c, in...) over all the data, where c holds the NP coefficients of each value's
 // lane, taken from NP lane patterns: vectors over the full periods, single values after.
-// Rows are walked a group of columns at a time, so a group's coefficients are loaded once
-// into registers and reused down the rows.
-template <int NP, typename T, typename F, typename... In>
+// With kStream the output is written with streaming stores.
+template <int NP, bool kStream, typename T, typename F, typename... In>
 void channels_last_map(const ChannelsLastPlan& plan,
                        const std::array<const opmath_t<T>*, NP>& patterns, T* out, const F& f,
                        const In*... in) {
@@ -636,10 +707,11 @@ void channels_last_map(const ChannelsLastPlan& plan,
         for (int64_t row = begin * rows_per_task; row < last; ++row) {
           for (int g = 0; g < G; ++g) {
             const int64_t i = row * P + k + g * L;
-            store_vec(out + i, f(c[g], load_vec(in + i)...));
+            put_vec<kStream>(out + i, f(c[g], load_vec(in + i)...));
           }
         }
       });
+      stream_fence();
     });
   } else {  // longer periods: the coefficients are loaded (from L1) with each vector
     at::parallel_for(0, plan.periods, std::max<int64_t>(1, kGrain / P), [&](int64_t begin, int64_t end) {
@@ -647,15 +719,27 @@ void channels_last_map(const ChannelsLastPlan& plan,
         for (int64_t k = 0; k < P; k += L) {
           std::array<Vec, NP> c;
           for (int q = 0; q < NP; ++q) c[q] = Vec::loadu(patterns[q] + k);
-          store_vec(out + i + k, f(c, load_vec(in + i + k)...));
+          put_vec<kStream>(out + i + k, f(c, load_vec(in + i + k)...));
         }
       }
+      stream_fence();
     });
   }
   for (int64_t i = plan.tail_begin; i < plan.rows * plan.channels; ++i) {
     std::array<acc_t, NP> c;  // lane i % C: the patterns repeat every C lanes
     for (int q = 0; q < NP; ++q) c[q] = patterns[q][i % plan.channels];
     out[i] = static_cast<T>(f(c, static_cast<acc_t>(in[i])...));
+  }
+}
+
+template <int NP, typename T, typename F, typename... In>
+void channels_last_map(const ChannelsLastPlan& plan, bool stream,
+                       const std::array<const opmath_t<T>*, NP>& patterns, T* out, const F& f,
+                       const In*... in) {
+  if (stream) {
+    channels_last_map<NP, true>(plan, patterns, out, f, in...);
+  } else {
+    channels_last_map<NP, false>(plan, patterns, out, f, in...);
   }
 }
 
@@ -673,8 +757,9 @@ void forward_typed(const ForwardArgs& args) {
   const P* weight = static_cast<const P*>(args.weight);
   const P* bias = static_cast<const P*>(args.bias);
 
-  // y = (x - mean) * scale + shift, with scale = weight / sqrt(var + eps), shift = bias.
-  // Subtracting the mean first keeps the rounding small when the mean is large.
+  // Training: y = (x - mean) * scale + shift, with scale = weight / sqrt(var + eps) and
+  // shift = bias: subtracting the mean first keeps the rounding small when it is large.
+  // Eval: y = x * scale + (shift - mean * scale), one multiply-add, as native computes it.
   std::vector<acc_t> mean(C), scale(C), shift(C);
   auto set_coefficients = [&](int64_t c, acc_t channel_mean, acc_t invstd) {
     mean[c] = channel_mean;
@@ -693,17 +778,30 @@ void forward_typed(const ForwardArgs& args) {
     for (int64_t c = 0; c < C; ++c) {
       set_coefficients(c, acc_t(running_mean[c]),
                        acc_t(1) / std::sqrt(acc_t(running_var[c]) + acc_t(args.eps)));
+      shift[c] -= mean[c] * scale[c];
     }
   }
+  auto centered = [](auto v, auto m, auto s, auto t) { return (v - m) * s + t; };
+  const bool stream = streams(y, g);
+  auto affine = [](auto v, auto s, auto t) { return multiply_add(v, s, t); };
 
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
     auto normalize = [&](int64_t c, const Block& block) {
-      auto f = [m = mean[c], s = scale[c], t = shift[c]](auto v) {
-        using V = decltype(v);
-        return (v - V(m)) * V(s) + V(t);
-      };
-      block.for_each_run([&](int64_t offset, int64_t len) { map_run(y + offset, len, f, x + offset); });
+      const acc_t m = mean[c], s = scale[c], t = shift[c];
+      block.for_each_run([&](int64_t offset, int64_t len) {
+        if (args.training) {
+          map_run(stream, y + offset, len, [=](auto v) {
+            using V = decltype(v);
+            return centered(v, V(m), V(s), V(t));
+          }, x + offset);
+        } else {
+          map_run(stream, y + offset, len, [=](auto v) {
+            using V = decltype(v);
+            return affine(v, V(s), V(t));
+          }, x + offset);
+        }
+      });
     };
     if (args.training) {
       channels_first_reduce_apply<Moments>(
@@ -722,8 +820,13 @@ void forward_typed(const ForwardArgs& args) {
   const auto mean_p = lane_pattern(mean, plan.period);
   const auto scale_p = lane_pattern(scale, plan.period);
   const auto shift_p = lane_pattern(shift, plan.period);
-  channels_last_map<3>(plan, {mean_p.data(), scale_p.data(), shift_p.data()}, y,
-                       [](const auto& c, auto v) { return (v - c[0]) * c[1] + c[2]; }, x);
+  if (args.training) {
+    channels_last_map<3>(plan, stream, {mean_p.data(), scale_p.data(), shift_p.data()}, y,
+                         [&](const auto& c, auto v) { return centered(v, c[0], c[1], c[2]); }, x);
+  } else {
+    channels_last_map<2>(plan, stream, {scale_p.data(), shift_p.data()}, y,
+                         [&](const auto& c, auto v) { return affine(v, c[0], c[1]); }, x);
+  }
 }
 
 template <typename T, typename P>
@@ -767,6 +870,7 @@ void backward_typed(const BackwardArgs& args) {
     }
   };
   const bool need_sums = grad_weight || grad_bias || (dx && args.training);
+  const bool stream = dx && streams(dx, g);
 
   // The two forms of dx, for a vector or a single value.
   auto dx_train = [](auto grad, auto v, auto a, auto b, auto k, auto m) {
@@ -780,12 +884,12 @@ void backward_typed(const BackwardArgs& args) {
       if (!dx) return;
       block.for_each_run([&](int64_t offset, int64_t len) {
         if (args.training) {
-          map_run(dx + offset, len, [&, a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c]](auto grad, auto v) {
+          map_run(stream, dx + offset, len, [=, a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c]](auto grad, auto v) {
             using V = decltype(v);
             return dx_train(grad, v, V(a), V(b), V(k), V(m));
           }, dy + offset, x + offset);
         } else {
-          map_run(dx + offset, len, [&, a = k_dy[c]](auto grad) {
+          map_run(stream, dx + offset, len, [=, a = k_dy[c]](auto grad) {
             using V = decltype(grad);
             return dx_eval(grad, V(a));
           }, dy + offset);
@@ -811,14 +915,14 @@ void backward_typed(const BackwardArgs& args) {
   if (!dx) return;
   const auto k_dy_p = lane_pattern(k_dy, plan.period);
   if (!args.training) {
-    channels_last_map<1>(plan, {k_dy_p.data()}, dx,
+    channels_last_map<1>(plan, stream, {k_dy_p.data()}, dx,
                          [&](const auto& c, auto grad) { return dx_eval(grad, c[0]); }, dy);
     return;
   }
   const auto k_x_p = lane_pattern(k_x, plan.period);
   const auto k_c_p = lane_pattern(k_c, plan.period);
   channels_last_map<4>(
-      plan, {k_dy_p.data(), k_x_p.data(), k_c_p.data(), mean_p.data()}, dx,
+      plan, stream, {k_dy_p.data(), k_x_p.data(), k_c_p.data(), mean_p.data()}, dx,
       [&](const auto& c, auto grad, auto v) { return dx_train(grad, v, c[0], c[1], c[2], c[3]); },
       dy, x);
 }
