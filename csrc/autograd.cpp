@@ -89,6 +89,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = given(bias);
     ctx->mark_non_differentiable({save_mean, save_var});
+    ctx->set_materialize_grads(false);  // no zero gradients made up for save_mean, save_var
     return {output, save_mean, save_var};
   }
 
