@@ -68,9 +68,26 @@ inline Vectorized<opmath_t<T>> load_vec(const T* p, int64_t count, opmath_t<T> f
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// One vector of floats rounded to bfloat16/half (at::vec's convert_from_float converts two).
+template <typename T>
+inline auto narrow(const Vectorized<float>& v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return at::vec::cvtfp32_bf16(v);
+  } else {
+    return at::vec::cvtfp32_fp16(v);
+  }
+}
+#endif
+
 template <typename T>
 inline void store_vec(T* p, const Vectorized<opmath_t<T>>& v, int64_t count = kLanes<T>) {
   if constexpr (at::is_reduced_floating_point_v<T>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (count == kLanes<T>) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow<T>(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (count == kLanes<T>) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow<T>(v));
+#endif
     at::vec::convert_from_float<T>(v, v).store(p, count);
   } else {
     v.store(p, count);
@@ -86,9 +103,8 @@ inline void stream_vec(T* p, const Vectorized<opmath_t<T>>& v) {
     _mm512_stream_ps(p, v);
   } else if constexpr (std::is_same_v<T, double>) {
     _mm512_stream_pd(p, v);
-  } else {  // 16 bfloat16/half values: the low half of the converted vector
-    const __m512i packed = at::vec::convert_from_float<T>(v, v);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow<T>(v));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
@@ -96,8 +112,7 @@ inline void stream_vec(T* p, const Vectorized<opmath_t<T>>& v) {
   } else if constexpr (std::is_same_v<T, double>) {
     _mm256_stream_pd(p, v);
   } else {
-    const __m256i packed = at::vec::convert_from_float<T>(v, v);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow<T>(v));
   }
 #else
   store_vec(p, v);
