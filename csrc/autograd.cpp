@@ -6,8 +6,6 @@
 // computed from ATen operations that autograd can differentiate again; otherwise it runs
 // the kernel.  Forward-mode AD is in Python (batchnorm_ext/_autograd.py): a C++ autograd
 // Function has no jvp.
-#include "checks.h"
-
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -221,11 +219,10 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
     if (given(bias)) out = out + (*bias)[0];
     return out;
   }
-  check_inputs(input, weight, bias, running_mean, running_var);
-  check_not_requiring_grad(running_mean, running_var);
+  // The running statistics go to the forward in training too (it checks them, and does
+  // not read or save them there).
   auto [output, save_mean, save_var] =
-      forward_op().call(input, weight, bias, training ? std::nullopt : running_mean,
-                        training ? std::nullopt : running_var, training, eps);
+      forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
   if (training && given(running_mean)) {
     at::NoGradGuard no_grad;
     Tensor rm = *running_mean, rv = *running_var;

@@ -374,14 +374,16 @@ struct ChannelsFirstBlocks {
 template <typename Apply>
 void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
   const Geometry& g = blocks.g;
-  const int64_t pieces = blocks.pieces_per_plane;
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(g.inner, kBlockValues));
+  // Pieces of up to 16K values (nothing has to stay in L1 here; they only split the work).
+  const int64_t piece_len = divup(std::min(g.inner, 8 * kBlockValues), 64) * 64;
+  const int64_t pieces = divup(g.inner, piece_len);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(g.inner, piece_len));
   at::parallel_for(0, g.batch * g.channels * pieces, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t plane = u / pieces;
-      const int64_t start = (u % pieces) * blocks.piece_len;
+      const int64_t start = (u % pieces) * piece_len;
       apply(plane % g.channels,
-            Block{plane * g.inner + start, 1, std::min(blocks.piece_len, g.inner - start), 0});
+            Block{plane * g.inner + start, 1, std::min(piece_len, g.inner - start), 0});
     }
     stream_fence();
   });
