@@ -233,15 +233,21 @@ struct Moments {
 };
 
 // Chan, Golub & LeVeque: the statistics of the union of two disjoint sets.
+// The mean is merged as a weighted mean (in double that is as accurate as the usual
+// a.mean + delta * share, and an infinite mean stays infinite as in a plain sum).
 inline void merge(Moments& a, const Moments& b) {
   if (b.count == 0) return;
   const int64_t n = a.count + b.count;
   const double delta = b.mean - a.mean;
+  const double a_share = static_cast<double>(a.count) / n;
   const double b_share = static_cast<double>(b.count) / n;
-  a.mean += delta * b_share;
+  a.mean = a.mean * a_share + b.mean * b_share;
   a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * b_share;
   a.count = n;
 }
+
+// max(x, 0) that lets NaN through (std::max(0.0, NaN) is 0).
+inline double non_negative(double x) { return x < 0 ? 0.0 : x; }
 
 // A block: `planes` runs of `len` contiguous values, `stride` apart, from `offset`.
 struct Block {
@@ -256,6 +262,25 @@ struct Block {
     for (int64_t p = 0; p < planes; ++p) f(offset + p * stride, len);
   }
 };
+
+// Two passes in double, one value at a time: the slow path for blocks with Inf, NaN or
+// values so large that float sums overflow.
+template <typename T>
+Moments block_moments_exact(const T* data, const Block& block) {
+  double sum = 0;
+  block.for_each_run([&](int64_t offset, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) sum += static_cast<double>(data[offset + i]);
+  });
+  const double mean = sum / static_cast<double>(block.count());
+  double m2 = 0;
+  block.for_each_run([&](int64_t offset, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) {
+      const double d = static_cast<double>(data[offset + i]) - mean;
+      m2 += d * d;
+    }
+  });
+  return {block.count(), mean, m2};
+}
 
 // The statistics of one block by the corrected two-pass algorithm (Chan, Golub & LeVeque
 // 1983): sweep 1 finds the mean; sweep 2, over data now in cache, sums the deviations
@@ -286,7 +311,10 @@ Moments block_moments(const T* data, const Block& block) {
   });
   const double d_sum = sum_lanes((dev[0] + dev[1]) + (dev[2] + dev[3]));
   const double d2_sum = sum_lanes((sq[0] + sq[1]) + (sq[2] + sq[3]));
-  return {block.count(), mean + d_sum / count, std::max(0.0, d2_sum - d_sum * d_sum / count)};
+  // Inf or NaN in the block, or float sums that overflowed (values near the float range):
+  // do it again in double, as native's double sums would give it.
+  if (!std::isfinite(d2_sum)) return block_moments_exact(data, block);
+  return {block.count(), mean + d_sum / count, non_negative(d2_sum - d_sum * d_sum / count)};
 }
 
 // The two sums the backward needs: sum(dy) and sum(dy * (x - mean)).
@@ -541,11 +569,30 @@ void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
   });
 }
 
+// The slow path of lane_sums, in double one value at a time (see block_moments_exact):
+// the exact mean of every lane, dev = 0, and sq = M2.
+template <typename T>
+void lane_sums_exact(const T* x, int64_t period, int64_t n, LaneSums<double>& out) {
+  std::fill(out.mean.begin(), out.mean.end(), 0.0);
+  std::fill(out.dev.begin(), out.dev.end(), 0.0);
+  std::fill(out.sq.begin(), out.sq.end(), 0.0);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t l = 0; l < period; ++l) out.mean[l] += static_cast<double>(x[r * period + l]);
+  }
+  for (int64_t l = 0; l < period; ++l) out.mean[l] /= static_cast<double>(n);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t l = 0; l < period; ++l) {
+      const double d = static_cast<double>(x[r * period + l]) - out.mean[l];
+      out.sq[l] += d * d;
+    }
+  }
+}
+
 // Chan's merge of (other_count, other_mean, other_m2) into one lane.
 inline void merge_lane(double& mean, double& m2, double other_mean, double other_m2,
-                       double other_share, double cross) {
+                       double own_share, double other_share, double cross) {
   const double delta = other_mean - mean;
-  mean += delta * other_share;
+  mean = mean * own_share + other_mean * other_share;
   m2 += other_m2 + delta * delta * cross;
 }
 
@@ -553,23 +600,26 @@ inline void merge_lane(double& mean, double& m2, double other_mean, double other
 // two scalars and the loops are plain multiply-adds.
 inline void merge_lanes(double* mean, double* m2, int64_t count, const double* other_mean,
                         const double* other_m2, int64_t other_count, int64_t width) {
+  const double own_share = double(count) / double(count + other_count);
   const double other_share = double(other_count) / double(count + other_count);
   const double cross = double(count) * other_share;
   for (int64_t l = 0; l < width; ++l) {
-    merge_lane(mean[l], m2[l], other_mean[l], other_m2[l], other_share, cross);
+    merge_lane(mean[l], m2[l], other_mean[l], other_m2[l], own_share, other_share, cross);
   }
 }
 
 template <typename A>
 void merge_block_lanes(double* mean, double* m2, int64_t count, const LaneSums<A>& block,
                        int64_t other_count, int64_t width) {
+  const double own_share = double(count) / double(count + other_count);
   const double other_share = double(other_count) / double(count + other_count);
   const double cross = double(count) * other_share;
   const double inv_n = 1.0 / double(other_count);
   for (int64_t l = 0; l < width; ++l) {
     const double dev = block.dev[l];
     merge_lane(mean[l], m2[l], double(block.mean[l]) + dev * inv_n,
-               std::max(0.0, double(block.sq[l]) - dev * dev * inv_n), other_share, cross);
+               non_negative(double(block.sq[l]) - dev * dev * inv_n), own_share, other_share,
+               cross);
   }
 }
 
@@ -595,13 +645,20 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
   // Per-lane statistics of each chunk: mean[P] then m2[P].
   const std::vector<double> chunk_stats = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
     LaneSums<acc_t> block(P);
+    LaneSums<double> exact(P);
     int64_t count = 0;
     const int64_t first = chunk * plan.blocks_per_chunk;
     const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
     for (int64_t b = first; b < last; ++b) {
       const int64_t n = plan.periods_in(b);
-      lane_sums(x + plan.first_period(b) * P, P, n, block);
-      merge_block_lanes(out, out + P, count, block, n, P);
+      const T* rows = x + plan.first_period(b) * P;
+      lane_sums(rows, P, n, block);
+      if (std::isfinite(std::accumulate(block.sq.begin(), block.sq.end(), 0.0))) {
+        merge_block_lanes(out, out + P, count, block, n, P);
+      } else {  // Inf, NaN or float overflow somewhere in the block: redo it in double
+        lane_sums_exact(rows, P, n, exact);
+        merge_block_lanes(out, out + P, count, exact, n, P);
+      }
       count += n;
     }
   });
