@@ -233,15 +233,19 @@ struct Moments {
 };
 
 // Chan, Golub & LeVeque: the statistics of the union of two disjoint sets.
-// The mean is merged as a weighted mean (in double that is as accurate as the usual
-// a.mean + delta * share, and an infinite mean stays infinite as in a plain sum).
+// The merged mean: a + delta * b_share, which is exact when the means agree; with an
+// infinite mean, the weighted mean instead, which stays infinite as a plain sum would.
+inline double merged_mean(double a, double b, double delta, double a_share, double b_share) {
+  return std::isfinite(delta) ? a + delta * b_share : a * a_share + b * b_share;
+}
+
 inline void merge(Moments& a, const Moments& b) {
   if (b.count == 0) return;
   const int64_t n = a.count + b.count;
   const double delta = b.mean - a.mean;
   const double a_share = static_cast<double>(a.count) / n;
   const double b_share = static_cast<double>(b.count) / n;
-  a.mean = a.mean * a_share + b.mean * b_share;
+  a.mean = merged_mean(a.mean, b.mean, delta, a_share, b_share);
   a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * b_share;
   a.count = n;
 }
@@ -592,7 +596,7 @@ void lane_sums_exact(const T* x, int64_t period, int64_t n, LaneSums<double>& ou
 inline void merge_lane(double& mean, double& m2, double other_mean, double other_m2,
                        double own_share, double other_share, double cross) {
   const double delta = other_mean - mean;
-  mean = mean * own_share + other_mean * other_share;
+  mean = merged_mean(mean, other_mean, delta, own_share, other_share);
   m2 += other_m2 + delta * delta * cross;
 }
 
