@@ -14,51 +14,18 @@ ops = torch.ops.batchnorm_ext
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _REDUCED = (torch.bfloat16, torch.float16)
 _NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
-          torch.float16: "Half"}
+          torch.float16: "Half", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+          torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+          torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
 
 
-def _stat_dtype(input):
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
-
-
-def check_inputs(input, weight, bias, running_mean, running_var):
-    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), for the fake kernels."""
-    if input.dtype not in _FLOATING:
-        name = str(input.dtype).replace("torch.", "")
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
-    if input.dim() < 2:
-        raise RuntimeError(
-            "batch_norm: expected input of shape (N, C, *) with at least 2 dimensions, "
-            f"but got a {input.dim()}-D input of size {list(input.shape)}")
-    named = [("weight", weight), ("bias", bias), ("running_mean", running_mean),
-             ("running_var", running_var)]
-    given = [(name, p) for name, p in named if p is not None]
-    for name, p in given:
-        if p.device != input.device:
-            raise RuntimeError(f"Tensor on device {p.device} is not on the expected device "
-                               f"{input.device}!")
-        torch._check(p.numel() == input.shape[1], lambda: (
-            f"{name} should contain {input.shape[1]} elements not {p.numel()}"))
-    param_dtype = given[0][1].dtype if given else input.dtype
-    if param_dtype == input.dtype:
-        for _, p in given:
-            if p.dtype != input.dtype:
-                raise RuntimeError(f"expected scalar type {_NAMES[input.dtype]} but found "
-                                   f"{_NAMES.get(p.dtype, p.dtype)}")
-        return input.dtype
-    for _, p in given:
-        if p.dtype != torch.float32:
-            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-    if input.dtype not in _REDUCED:
-        raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
-    return torch.float32
-
-
-def check_functional_args(input, training, eps, running_mean, running_var):
+def check_functional_args(input, training, eps):
     """The checks of csrc/autograd.cpp (check_functional_args): torch.nn.functional's."""
     if training:
+        if input.dim() == 0:
+            raise IndexError("batch_norm: expected an input of shape (N, C, *), got a 0-D tensor")
         size = list(input.shape)
-        values = size[0] if size else 0
+        values = size[0]
         for s in size[2:]:
             values *= s
         if values == 1:
@@ -66,34 +33,66 @@ def check_functional_args(input, training, eps, running_mean, running_var):
                              f"size {input.shape}")
         if eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must either both be None or neither "
-                             "be None")
-    else:
-        if eps < 0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    elif eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def check_inputs(input, weight, bias, running_mean, running_var, training):
+    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order."""
+    channels = input.shape[1] if input.dim() > 1 else 0
+    named = [("weight", weight), ("bias", bias), ("running_mean", running_mean),
+             ("running_var", running_var)]
+    given = [(name, p) for name, p in named if p is not None]
+    for name, p in given:
+        if p.device != input.device:
+            raise RuntimeError(f"Tensor on device {p.device} is not on the expected device "
+                               f"{input.device}!")
+        torch._check(p.numel() == channels, lambda: (
+            f"{name} should contain {channels} elements not {p.numel()}"))
+    if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
         if running_var is None:
             raise RuntimeError("running_var must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if input.dtype not in _FLOATING:
+        name = str(input.dtype).replace("torch.", "")
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{_NAMES.get(input.dtype, name)}\'')
+    param_dtype = given[0][1].dtype if given else input.dtype
+    result = input.dtype
+    if param_dtype == input.dtype:
+        for _, p in given:
+            if p.dtype != input.dtype:
+                raise RuntimeError(f"expected scalar type {_NAMES[input.dtype]} but found "
+                                   f"{_NAMES.get(p.dtype, p.dtype)}")
+    else:
+        for _, p in given:
+            if p.dtype != torch.float32:
+                raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        if input.dtype not in _REDUCED:
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+        result = torch.float32
+    if input.dim() < 2:
+        raise IndexError("batch_norm: expected input of shape (N, C, *) with at least 2 "
+                         f"dimensions, but got a {input.dim()}-D input of size {list(input.shape)}")
+    return result
 
 
 @torch.library.register_fake("batchnorm_ext::batch_norm_forward")
 def _forward_fake(input, weight, bias, running_mean, running_var, training, eps):
-    check_inputs(input, weight, bias, running_mean, running_var)
-    if not training and (running_mean is None or running_var is None):
-        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    check_inputs(input, weight, bias, running_mean, running_var, training)
     output = torch.empty_like(input, memory_format=suggest_memory_format(input))
     stat_size = input.shape[1] if training else 0
-    save_mean = input.new_empty((stat_size,), dtype=_stat_dtype(input))
-    save_var = input.new_empty((stat_size,), dtype=_stat_dtype(input))
+    save_mean = input.new_empty((stat_size,), dtype=torch.float64)
+    save_var = input.new_empty((stat_size,), dtype=torch.float64)
     return output, save_mean, save_var
 
 
 @torch.library.register_fake("batchnorm_ext::batch_norm_backward")
 def _backward_fake(grad_output, input, weight, running_mean, running_var, save_mean, save_var,
                    training, eps, output_mask):
-    param_dtype = check_inputs(input, weight, None, running_mean, running_var)
+    param_dtype = check_inputs(input, weight, None, running_mean, running_var, training)
     channels = input.shape[1]
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:

@@ -37,7 +37,7 @@ def _batch_norm_with_jvp(input, weight, bias, running_mean, running_var, trainin
                          eps, num_batches_tracked):
     # The composite operator's steps (csrc/autograd.cpp, batch_norm), with the forward
     # through a Function that has a jvp.
-    check_functional_args(input, training, eps, running_mean, running_var)
+    check_functional_args(input, training, eps)
     if input.numel() == 0:
         return _batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
                            eps, num_batches_tracked)
@@ -91,12 +91,11 @@ class _BatchNormFunction(torch.autograd.Function):
     def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _training, _eps):
         input, weight, running_mean, running_var, save_mean, save_var = ctx.saved_tensors
         dims = _reduce_dims(input)
-        compute = save_mean.dtype if ctx.training else torch.promote_types(
-            input.dtype, torch.float32)
+        compute = torch.promote_types(input.dtype, torch.float32)
         x = input.to(compute)
-        if ctx.training:
-            mean = _per_channel(save_mean, x)
-            invstd = _per_channel((save_var + ctx.eps).rsqrt(), x)
+        if ctx.training:  # the batch statistics are float64
+            mean = _per_channel(save_mean.to(compute), x)
+            invstd = _per_channel((save_var + ctx.eps).rsqrt().to(compute), x)
         else:
             mean = _per_channel(running_mean.to(compute), x)
             invstd = _per_channel((running_var.to(compute) + ctx.eps).rsqrt(), x)

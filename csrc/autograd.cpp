@@ -176,14 +176,13 @@ ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tens
                             save_var, training, eps, mask);
 }
 
-// What torch.nn.functional.batch_norm (and aten::batch_norm) do before the kernel, with
-// the same exception types: ValueError for a single value per channel and for eps in
-// training, RuntimeError for sizes, dtypes and missing running statistics.
-void check_functional_args(const Tensor& input, bool training, double eps,
-                           const optional<Tensor>& running_mean,
-                           const optional<Tensor>& running_var) {
+// What torch.nn.functional.batch_norm checks before anything else, with its exception
+// types: ValueError for a single value per channel and for eps, IndexError for a 0-D
+// input in training.  The operator checks the rest (batch_norm_cpu.cpp, check_inputs).
+void check_functional_args(const Tensor& input, bool training, double eps) {
   if (training) {
-    c10::SymInt values = input.dim() > 0 ? input.sym_size(0) : c10::SymInt(0);
+    TORCH_CHECK_INDEX(input.dim() > 0, "batch_norm: expected an input of shape (N, C, *), got a 0-D tensor");
+    c10::SymInt values = input.sym_size(0);
     for (int64_t d = 2; d < input.dim(); ++d) values *= input.sym_size(d);
     if (values == 1) {
       std::ostringstream sizes;
@@ -194,12 +193,8 @@ void check_functional_args(const Tensor& input, bool training, double eps,
                         sizes.str());
     }
     TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", eps);
-    TORCH_CHECK_VALUE(given(running_mean) == given(running_var),
-                      "running_mean and running_var must either both be None or neither be None");
   } else {
     TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
-    TORCH_CHECK(given(running_mean), "running_mean must be defined in evaluation mode");
-    TORCH_CHECK(given(running_var), "running_var must be defined in evaluation mode");
   }
 }
 
@@ -210,7 +205,7 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
                   const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                   const optional<Tensor>& running_var, bool training, optional<double> momentum,
                   double eps, const optional<Tensor>& num_batches_tracked) {
-  check_functional_args(input, training, eps, running_mean, running_var);
+  check_functional_args(input, training, eps);
   if (input.sym_numel() == 0) {
     // As aten::batch_norm: an empty batch gives an empty output, still connected to the
     // weight and bias for autograd, and leaves the running statistics alone.

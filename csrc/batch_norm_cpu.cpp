@@ -21,53 +21,71 @@ void check_parameter(const Tensor& input, const optional<Tensor>& param, const c
   if (!param.has_value() || !param->defined()) return;
   TORCH_CHECK(param->device() == input.device(), "Tensor on device ", param->device(),
               " is not on the expected device ", input.device(), "!");
-  const c10::SymInt channels = input.sym_size(1);
+  const c10::SymInt channels = input.dim() > 1 ? input.sym_size(1) : c10::SymInt(0);
   TORCH_CHECK(param->sym_numel() == channels, what, " should contain ", channels,
               " elements not ", param->sym_numel());
 }
 
+bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
 }  // namespace
 
+// In native's order, so that a call with several things wrong raises what native raises.
 c10::ScalarType check_inputs(const Tensor& input, const optional<Tensor>& weight,
                              const optional<Tensor>& bias, const optional<Tensor>& running_mean,
-                             const optional<Tensor>& running_var) {
-  const c10::ScalarType input_type = input.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      input_type == at::kFloat || input_type == at::kDouble || input_type == at::kBFloat16 ||
-          input_type == at::kHalf,
-      "\"batch_norm\" not implemented for '", name_of(input_type), "'");
-  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected input of shape (N, C, *) with at least 2 ",
-              "dimensions, but got a ", input.dim(), "-D input of size ", input.sizes());
-
+                             const optional<Tensor>& running_var, bool training) {
+  // 1. Devices and sizes.
   check_parameter(input, weight, "weight");
   check_parameter(input, bias, "bias");
   check_parameter(input, running_mean, "running_mean");
   check_parameter(input, running_var, "running_var");
 
-  // The parameter dtype is that of the first one given; "mixed" when it is not the input's.
+  // 2. Running statistics: both needed in eval, both or neither in training.
+  if (!training) {
+    TORCH_CHECK(given(running_mean), "running_mean must be defined in evaluation mode");
+    TORCH_CHECK(given(running_var), "running_var must be defined in evaluation mode");
+  } else {
+    TORCH_CHECK_VALUE(given(running_mean) == given(running_var),
+                      "running_mean and running_var must either both be None or neither be None");
+  }
+
+  // 3. dtypes.  The parameter dtype is that of the first one given; "mixed" when it is not
+  // the input's.
+  const c10::ScalarType input_type = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      input_type == at::kFloat || input_type == at::kDouble || input_type == at::kBFloat16 ||
+          input_type == at::kHalf,
+      "\"batch_norm\" not implemented for '", name_of(input_type), "'");
   const optional<Tensor>* params[] = {&weight, &bias, &running_mean, &running_var};
   optional<c10::ScalarType> param_type;
   for (const optional<Tensor>* p : params) {
-    if (p->has_value() && (*p)->defined() && !param_type) param_type = (*p)->scalar_type();
+    if (given(*p) && !param_type) param_type = (*p)->scalar_type();
   }
+  c10::ScalarType result = input_type;
   if (!param_type || *param_type == input_type) {
     for (const optional<Tensor>* p : params) {
-      if (p->has_value() && (*p)->defined()) {
+      if (given(*p)) {
         TORCH_CHECK((*p)->scalar_type() == input_type, "expected scalar type ",
                     name_of(input_type), " but found ", name_of((*p)->scalar_type()));
       }
     }
-    return input_type;
-  }
-  for (const optional<Tensor>* p : params) {
-    if (p->has_value() && (*p)->defined()) {
-      TORCH_CHECK((*p)->scalar_type() == at::kFloat,
-                  "mixed dtype (CPU): expect parameter to have scalar type of Float");
+  } else {
+    for (const optional<Tensor>* p : params) {
+      if (given(*p)) {
+        TORCH_CHECK((*p)->scalar_type() == at::kFloat,
+                    "mixed dtype (CPU): expect parameter to have scalar type of Float");
+      }
     }
+    TORCH_CHECK(input_type == at::kBFloat16 || input_type == at::kHalf,
+                "mixed dtype (CPU): all inputs must share same datatype.");
+    result = at::kFloat;
   }
-  TORCH_CHECK(input_type == at::kBFloat16 || input_type == at::kHalf,
-              "mixed dtype (CPU): all inputs must share same datatype.");
-  return at::kFloat;
+
+  // 4. Shape: (N, C, *).
+  TORCH_CHECK_INDEX(input.dim() >= 2, "batch_norm: expected input of shape (N, C, *) with at ",
+                    "least 2 dimensions, but got a ", input.dim(), "-D input of size ",
+                    input.sym_sizes());
+  return result;
 }
 
 namespace {
@@ -94,16 +112,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
     double eps) {
-  const c10::ScalarType param_type = check_inputs(input, weight, bias, running_mean, running_var);
-  const bool have_running = running_mean.has_value() && running_mean->defined() &&
-                            running_var.has_value() && running_var->defined();
-  TORCH_CHECK(training || have_running,
-              "running_mean and running_var must be defined in evaluation mode");
+  const c10::ScalarType param_type =
+      check_inputs(input, weight, bias, running_mean, running_var, training);
 
   const at::MemoryFormat format = input.suggest_memory_format();
   const Tensor x = input.contiguous(format);
   Tensor output = at::empty_like(x, format);
-  const auto stat_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  const auto stat_options = input.options().dtype(at::kDouble);
   const int64_t channels = input.size(1);
   Tensor save_mean = at::empty({training ? channels : 0}, stat_options);
   Tensor save_var = at::empty({training ? channels : 0}, stat_options);
@@ -140,23 +155,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
     std::array<bool, 3> output_mask) {
   const c10::ScalarType param_type =
-      check_inputs(input, weight, std::nullopt, running_mean, running_var);
+      check_inputs(input, weight, std::nullopt, running_mean, running_var, training);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output of size ",
               grad_output.sizes(), " does not match input of size ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
               "batch_norm_backward: grad_output has dtype ", grad_output.scalar_type(),
               " but input has ", input.scalar_type());
   const int64_t channels = input.size(1);
-  const auto stat_type = at::toOpMathType(input.scalar_type());
+  const auto stat_type = at::kDouble;
   if (training) {
     TORCH_CHECK(save_mean.numel() == channels && save_var.numel() == channels &&
                     save_mean.scalar_type() == stat_type && save_var.scalar_type() == stat_type,
                 "batch_norm_backward: save_mean and save_var must be the batch statistics "
                 "returned by batch_norm_forward in training");
-  } else {
-    TORCH_CHECK(running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
-                    running_var->defined(),
-                "running_mean and running_var must be defined in evaluation mode");
   }
 
   const at::MemoryFormat format = input.suggest_memory_format();
@@ -219,21 +230,20 @@ void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const T
   // Updated in contiguous copies when the buffers are strided views, then copied back.
   Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
   const Tensor mean = batch_mean.contiguous(), var = batch_var.contiguous();
+  TORCH_CHECK(mean.scalar_type() == at::kDouble && var.scalar_type() == at::kDouble,
+              "update_running_stats_: the batch statistics must be float64");
+  const double* mean_data = mean.const_data_ptr<double>();
+  const double* var_data = var.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rm.scalar_type(), "update_running_stats_", [&] {
-    // The batch statistics are in opmath: float for bfloat16/half/float buffers, else double.
+    // In the buffers' own precision, as native: for float buffers exactly
+    // momentum * mean + (1 - momentum) * running, each rounded to float.
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(mean.scalar_type() == c10::CppTypeToScalarType<acc_t>::value &&
-                    var.scalar_type() == mean.scalar_type(),
-                "update_running_stats_: batch statistics must be ", c10::CppTypeToScalarType<acc_t>::value);
     const acc_t f = acc_t(factor), keep = acc_t(1.0 - factor);
     scalar_t* rm_data = rm.mutable_data_ptr<scalar_t>();
     scalar_t* rv_data = rv.mutable_data_ptr<scalar_t>();
-    const acc_t* mean_data = mean.const_data_ptr<acc_t>();
-    const acc_t* var_data = var.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < rm.numel(); ++c) {
-      const acc_t var_unbiased = acc_t(double(var_data[c]) * unbiased);
-      rm_data[c] = f * mean_data[c] + keep * acc_t(rm_data[c]);
-      rv_data[c] = f * var_unbiased + keep * acc_t(rv_data[c]);
+      rm_data[c] = f * acc_t(mean_data[c]) + keep * acc_t(rm_data[c]);
+      rv_data[c] = f * acc_t(var_data[c] * unbiased) + keep * acc_t(rv_data[c]);
     }
   });
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);

@@ -8,12 +8,13 @@
 
 namespace batchnorm_ext {
 
-// Input: floating point, at least 2-D.  Parameters (weight, bias, running_mean,
-// running_var): on the input's device, with C elements, and all of one dtype, which is the
-// input's or float32 for bfloat16/half input.  Returns that parameter dtype.
+// Parameters (weight, bias, running_mean, running_var): on the input's device, with C
+// elements; running statistics given in eval (both or neither in training); all of one
+// dtype, the input's or float32 for bfloat16/half input; input floating point, at least
+// 2-D.  Returns the parameter dtype.
 c10::ScalarType check_inputs(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& running_mean,
-                             const std::optional<at::Tensor>& running_var);
+                             const std::optional<at::Tensor>& running_var, bool training);
 
 }  // namespace batchnorm_ext

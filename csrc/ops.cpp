@@ -5,8 +5,8 @@
 
 TORCH_LIBRARY(batchnorm_ext, m) {
   // Normalizes `input` (N, C, *) per channel.  Functional: returns the batch mean and the
-  // biased batch variance (training) or two empty tensors (eval), and leaves the running
-  // statistics alone; update_running_stats_ updates them.
+  // biased batch variance in float64 (training) or two empty tensors (eval), and leaves
+  // the running statistics alone; update_running_stats_ updates them.
   m.def(
       "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");

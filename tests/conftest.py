@@ -1,5 +1,16 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: a CI profile of a few hundred examples in all, and a long one of
+# thousands, chosen with BATCHNORM_EXT_FUZZ=long (see README, "Reliability").
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("BATCHNORM_EXT_FUZZ", "ci"))
 
 import batchnorm_ext
 

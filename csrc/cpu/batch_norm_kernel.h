@@ -846,9 +846,14 @@ void forward_typed(const ForwardArgs& args) {
   };
   auto finish = [&](int64_t c, const Moments& m) {
     const double var = m.m2 / double(m.count);
-    static_cast<acc_t*>(args.save_mean)[c] = acc_t(m.mean);
-    static_cast<acc_t*>(args.save_var)[c] = acc_t(var);
-    set_coefficients(c, acc_t(m.mean), acc_t(1.0 / std::sqrt(var + args.eps)));
+    static_cast<double*>(args.save_mean)[c] = m.mean;
+    static_cast<double*>(args.save_var)[c] = var;
+    // As native: a constant channel with eps = 0 gives invstd 0, not infinity.
+    const double invstd = (var == 0 && args.eps == 0) ? 0.0 : 1.0 / std::sqrt(var + args.eps);
+    set_coefficients(c, acc_t(m.mean), acc_t(invstd));
+    // x - mean[c] is exact for x near the mean; what rounding the mean to acc_t lost goes
+    // into the shift: y = (x - mean_hi) * scale + (shift - (mean - mean_hi) * scale).
+    shift[c] = acc_t(double(shift[c]) - (m.mean - double(mean[c])) * double(scale[c]));
   };
   if (!args.training) {
     const P* running_mean = static_cast<const P*>(args.running_mean);
@@ -919,13 +924,17 @@ void backward_typed(const BackwardArgs& args) {
   P* grad_weight = static_cast<P*>(args.grad_weight);
   P* grad_bias = static_cast<P*>(args.grad_bias);
 
-  // The statistics the forward normalized with.
+  // The statistics the forward normalized with.  The batch mean (double) is split into
+  // mean (rounded to acc_t, subtracted from x exactly) and mean_low, the rest.
   std::vector<acc_t> mean(C), invstd(C);
+  std::vector<double> mean_low(C, 0.0);
   for (int64_t c = 0; c < C; ++c) {
     if (args.training) {
-      mean[c] = static_cast<const acc_t*>(args.save_mean)[c];
-      const double var = static_cast<const acc_t*>(args.save_var)[c];
-      invstd[c] = acc_t(1.0 / std::sqrt(var + args.eps));
+      const double m = static_cast<const double*>(args.save_mean)[c];
+      const double var = static_cast<const double*>(args.save_var)[c];
+      mean[c] = acc_t(m);
+      mean_low[c] = m - double(mean[c]);
+      invstd[c] = (var == 0 && args.eps == 0) ? acc_t(0) : acc_t(1.0 / std::sqrt(var + args.eps));
     } else {
       mean[c] = acc_t(static_cast<const P*>(args.running_mean)[c]);
       const acc_t var = acc_t(static_cast<const P*>(args.running_var)[c]);
@@ -939,12 +948,15 @@ void backward_typed(const BackwardArgs& args) {
   for (int64_t c = 0; c < C; ++c) k_dy[c] = (weight ? acc_t(weight[c]) : acc_t(1)) * invstd[c];
   const double count = double(g.count());
   auto finish = [&](int64_t c, const GradSums& sums) {
-    if (grad_weight) grad_weight[c] = P(sums.dy_xmu * invstd[c]);
+    // The sums used x - mean[c]; sum(dy * (x - true mean)) differs by mean_low * sum(dy).
+    const double dy_xmu = sums.dy_xmu - mean_low[c] * sums.dy;
+    if (grad_weight) grad_weight[c] = P(dy_xmu * invstd[c]);
     if (grad_bias) grad_bias[c] = P(sums.dy);
     if (args.training) {
       const double i = invstd[c];
-      k_x[c] = acc_t(-double(k_dy[c]) * i * i * sums.dy_xmu / count);
-      k_c[c] = acc_t(-double(k_dy[c]) * sums.dy / count);
+      const double kx = -double(k_dy[c]) * i * i * dy_xmu / count;
+      k_x[c] = acc_t(kx);
+      k_c[c] = acc_t(-double(k_dy[c]) * sums.dy / count - kx * mean_low[c]);
     }
   };
   const bool need_sums = grad_weight || grad_bias || (dx && args.training);

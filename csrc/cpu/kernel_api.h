@@ -28,7 +28,7 @@ struct Geometry {
 
 // Types: `input` and `output` are input_type; weight, bias and the running statistics are
 // param_type (the input type, or float for bfloat16/half input: "mixed" precision); the
-// saved batch statistics are stat_type = at::opmath_type<input_type> (float or double).
+// saved batch statistics (mean and biased variance) are double.
 struct ForwardArgs {
   Geometry geometry;
   c10::ScalarType input_type;
