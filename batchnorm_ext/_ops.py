@@ -73,6 +73,9 @@ def check_inputs(input, weight, bias, running_mean, running_var, training):
         if input.dtype not in _REDUCED:
             raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
         result = torch.float32
+    for name, p in given:
+        if name.startswith("running") and p.dim() != 1:
+            raise RuntimeError(f"{name} must be one-dimensional, but got shape {list(p.shape)}")
     if input.dim() < 2:
         raise IndexError("batch_norm: expected input of shape (N, C, *) with at least 2 "
                          f"dimensions, but got a {input.dim()}-D input of size {list(input.shape)}")

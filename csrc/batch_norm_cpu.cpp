@@ -26,6 +26,7 @@ void check_parameter(const Tensor& input, const optional<Tensor>& param, const c
               " elements not ", param->sym_numel());
 }
 
+
 bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
@@ -81,7 +82,12 @@ c10::ScalarType check_inputs(const Tensor& input, const optional<Tensor>& weight
     result = at::kFloat;
   }
 
-  // 4. Shape: (N, C, *).
+  // 4. Shapes: running statistics one-dimensional (native reads them so), input (N, C, *).
+  for (const auto& [stat, what] : {std::pair{&running_mean, "running_mean"},
+                                   std::pair{&running_var, "running_var"}}) {
+    TORCH_CHECK(!given(*stat) || (*stat)->dim() == 1, what,
+                " must be one-dimensional, but got shape ", (*stat)->sym_sizes());
+  }
   TORCH_CHECK_INDEX(input.dim() >= 2, "batch_norm: expected input of shape (N, C, *) with at ",
                     "least 2 dimensions, but got a ", input.dim(), "-D input of size ",
                     input.sym_sizes());
