@@ -60,6 +60,11 @@ sources = [
 if X86:
     sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
 
+# BATCHNORM_EXT_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer build (see
+# scripts/sanitize.sh, which also preloads their runtimes into Python).
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+sanitize = os.environ.get("BATCHNORM_EXT_SANITIZE") == "1"
+
 setup(
     name="batchnorm_ext",
     version="0.1.0",
@@ -70,8 +75,9 @@ setup(
             "batchnorm_ext._C",
             sources,
             extra_compile_args=["-O3", "-fopenmp", "-DNDEBUG"]
-            + (["-DBATCHNORM_EXT_X86"] if X86 else []),
-            extra_link_args=["-fopenmp"],
+            + (["-DBATCHNORM_EXT_X86"] if X86 else [])
+            + (SANITIZE if sanitize else []),
+            extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []),
         )
     ],
     cmdclass={"build_ext": BuildWithIsaFlags},

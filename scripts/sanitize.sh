@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the extension with AddressSanitizer + UndefinedBehaviorSanitizer into
+# build-sanitize/ and runs the test suite against that build.  Python itself is not
+# instrumented, so the sanitizer runtimes are preloaded; leak detection is off (CPython
+# and torch keep memory until exit by design).  Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+out=build-sanitize
+rm -rf "$out/lib"
+BATCHNORM_EXT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python setup.py -q build_ext \
+  --build-temp "$out/tmp" --build-lib "$out/lib" >/dev/null
+cp batchnorm_ext/*.py "$out/lib/batchnorm_ext/"
+root=$PWD
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# From inside the sanitized build, so that `import batchnorm_ext` finds it first.
+cd "$out/lib"
+"$root/.venv/bin/python" -c "import batchnorm_ext, sys; f = batchnorm_ext._C.__file__; print('testing', f); sys.exit('build-sanitize' not in f)"
+# The resident-memory soak is left to the normal run: ASan's quarantine holds freed memory
+# on purpose, so resident memory grows under it whatever the code does.
+"$root/.venv/bin/python" -m pytest "$root/tests" -q -p no:cacheprovider \
+  --deselect tests/test_reliability.py::test_no_memory_growth_over_thousands_of_calls "$@"
