@@ -12,6 +12,7 @@ from . import _C
 from ._ops import ops
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "batch_norm",
     "convert_model",
     "cpu_capability",

@@ -114,3 +114,37 @@ def _update_fake(running_mean, running_var, batch_mean, batch_var, count, moment
         raise RuntimeError("update_running_stats_: momentum=None (cumulative average) needs "
                            "num_batches_tracked")
     return None
+
+
+def _check_batch_statistics(input, mean, var):
+    if (mean.dtype, var.dtype) != (torch.float64, torch.float64) or \
+            mean.numel() != input.shape[1] or var.numel() != input.shape[1]:
+        raise RuntimeError(f"batch statistics must be float64 tensors of {input.shape[1]} elements")
+
+
+@torch.library.register_fake("batchnorm_ext::batch_norm_stats")
+def _stats_fake(input):
+    check_inputs(input, None, None, None, None, True)
+    return (input.new_empty((input.shape[1],), dtype=torch.float64),
+            input.new_empty((input.shape[1],), dtype=torch.float64))
+
+
+@torch.library.register_fake("batchnorm_ext::batch_norm_apply")
+def _apply_fake(input, weight, bias, mean, var, eps):
+    check_inputs(input, weight, bias, None, None, True)
+    _check_batch_statistics(input, mean, var)
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+
+
+@torch.library.register_fake("batchnorm_ext::batch_norm_backward_reduce")
+def _backward_reduce_fake(grad_output, input, mean, var, eps):
+    check_inputs(input, None, None, None, None, True)
+    _check_batch_statistics(input, mean, var)
+    return input.new_empty((2, input.shape[1]), dtype=torch.float64)
+
+
+@torch.library.register_fake("batchnorm_ext::batch_norm_backward_apply")
+def _backward_apply_fake(grad_output, input, weight, mean, var, sums, count, eps):
+    check_inputs(input, weight, None, None, None, True)
+    _check_batch_statistics(input, mean, var)
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))

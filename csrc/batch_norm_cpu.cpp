@@ -256,9 +256,133 @@ void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const T
   if (!rv.is_same(running_var)) running_var.copy_(rv);
 }
 
+// ---------------------------------------------------------------------------------------
+// SyncBatchNorm's steps: the same kernels, one phase at a time.
+
+// Checks shared by the steps: the batch statistics (float64, one per channel).
+void check_batch_statistics(const Tensor& input, const Tensor& mean, const Tensor& var) {
+  TORCH_CHECK(mean.scalar_type() == at::kDouble && var.scalar_type() == at::kDouble &&
+                  mean.numel() == input.size(1) && var.numel() == input.size(1),
+              "batch statistics must be float64 tensors of ", input.size(1), " elements");
+}
+
+// The mean and biased variance of every channel (float64); zeros for an empty input.
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  check_inputs(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true);
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const Tensor x = input.contiguous(format);
+  const auto options = input.options().dtype(at::kDouble);
+  Tensor mean = at::zeros({input.size(1)}, options), var = at::zeros({input.size(1)}, options);
+  if (x.numel() == 0) return {mean, var};
+  cpu::ForwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = args.param_type = input.scalar_type();
+  args.input = x.const_data_ptr();
+  args.output = nullptr;  // statistics only
+  args.training = true;
+  args.save_mean = mean.mutable_data_ptr();
+  args.save_var = var.mutable_data_ptr();
+  cpu::active_kernels().forward(args);
+  return {mean, var};
+}
+
+// Normalizes with given batch statistics, as the training forward would with its own.
+Tensor batch_norm_apply_cpu(const Tensor& input, const optional<Tensor>& weight,
+                            const optional<Tensor>& bias, const Tensor& mean, const Tensor& var,
+                            double eps) {
+  const c10::ScalarType param_type =
+      check_inputs(input, weight, bias, std::nullopt, std::nullopt, true);
+  check_batch_statistics(input, mean, var);
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const Tensor x = input.contiguous(format);
+  Tensor output = at::empty_like(x, format);
+  if (x.numel() == 0) return output;
+  const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  cpu::ForwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = input.scalar_type();
+  args.param_type = param_type;
+  args.input = x.const_data_ptr();
+  args.output = output.mutable_data_ptr();
+  args.weight = data_or_null(w);
+  args.bias = data_or_null(b);
+  args.eps = eps;
+  args.training = true;
+  args.batch_mean = m.const_data_ptr<double>();
+  args.batch_var = v.const_data_ptr<double>();
+  cpu::active_kernels().forward(args);
+  return output;
+}
+
+cpu::BackwardArgs sync_backward_args(const Tensor& dy, const Tensor& x, at::MemoryFormat format,
+                                     const Tensor& mean, const Tensor& var, double eps) {
+  cpu::BackwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = x.scalar_type();
+  args.grad_output = dy.const_data_ptr();
+  args.input = x.const_data_ptr();
+  args.eps = eps;
+  args.training = true;
+  args.save_mean = mean.const_data_ptr();
+  args.save_var = var.const_data_ptr();
+  return args;
+}
+
+// sum(dy) and sum(dy * (x - mean)) per channel, as a (2, C) float64 tensor.
+Tensor batch_norm_backward_reduce_cpu(const Tensor& grad_output, const Tensor& input,
+                                      const Tensor& mean, const Tensor& var, double eps) {
+  check_inputs(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true);
+  check_batch_statistics(input, mean, var);
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type(),
+              "batch_norm_backward_reduce: grad_output must match input in size and dtype");
+  Tensor sums = at::zeros({2, input.size(1)}, input.options().dtype(at::kDouble));
+  if (input.numel() == 0) return sums;
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  cpu::BackwardArgs args = sync_backward_args(dy, x, format, m, v, eps);
+  args.param_type = input.scalar_type();
+  args.grad_sums = sums.mutable_data_ptr<double>();
+  cpu::active_kernels().backward(args);
+  return sums;
+}
+
+// grad_input from sums over the whole batch (`count` values per channel).
+Tensor batch_norm_backward_apply_cpu(const Tensor& grad_output, const Tensor& input,
+                                     const optional<Tensor>& weight, const Tensor& mean,
+                                     const Tensor& var, const Tensor& sums, int64_t count,
+                                     double eps) {
+  const c10::ScalarType param_type =
+      check_inputs(input, weight, std::nullopt, std::nullopt, std::nullopt, true);
+  check_batch_statistics(input, mean, var);
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type(),
+              "batch_norm_backward_apply: grad_output must match input in size and dtype");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 2 * input.size(1),
+              "batch_norm_backward_apply: sums must be a (2, C) float64 tensor");
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
+  Tensor grad_input = at::empty_like(x, format);
+  if (x.numel() == 0) return grad_input;
+  const Tensor w = contiguous_or_undefined(weight);
+  const Tensor m = mean.contiguous(), v = var.contiguous(), s = sums.contiguous();
+  cpu::BackwardArgs args = sync_backward_args(dy, x, format, m, v, eps);
+  args.param_type = param_type;
+  args.weight = data_or_null(w);
+  args.grad_input = grad_input.mutable_data_ptr();
+  args.given_sums = s.const_data_ptr<double>();
+  args.count = count;
+  cpu::active_kernels().backward(args);
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchnorm_ext, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_apply", &batch_norm_apply_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_apply", &batch_norm_backward_apply_cpu);
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("update_running_stats_", &update_running_stats_cpu);

@@ -25,6 +25,21 @@ TORCH_LIBRARY(batchnorm_ext, m) {
       "Tensor batch_mean, Tensor batch_var, SymInt count, float? momentum, "
       "Tensor? num_batches_tracked) -> ()");
 
+  // SyncBatchNorm's steps (batchnorm_ext/sync.py), each one phase of the kernels:
+  // the batch statistics of this process (float64 mean and biased variance); normalizing
+  // with the statistics of the whole batch; the backward sums (2, C) of this process; and
+  // grad_input from the sums of the whole batch, `count` values per channel.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_apply(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+      "float eps) -> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
+      "float eps) -> Tensor");
+  m.def(
+      "batch_norm_backward_apply(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor var, Tensor sums, SymInt count, float eps) -> Tensor");
+
   // What torch.nn.functional.batch_norm does, in one call: checks, forward, and in
   // training the update of the running statistics.
   m.def(

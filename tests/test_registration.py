@@ -124,3 +124,36 @@ def test_export(training):
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert "batchnorm_ext.batch_norm_forward.default" in targets
     assert_close(program.module()(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_sync_steps(layout, dtype):
+    """The four steps of SyncBatchNorm (batchnorm_ext/sync.py)."""
+    x = make_input((4, 3, 5, 5), dtype, layout)
+    w = torch.rand(3, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    mean, var = ops.batch_norm_stats(x)
+    grad = make_input((4, 3, 5, 5), dtype, layout)
+    sums = ops.batch_norm_backward_reduce(grad, x, mean, var, 1e-5)
+    opcheck(ops.batch_norm_stats.default, (x,))
+    opcheck(ops.batch_norm_apply.default, (x, w, None, mean, var, 1e-5))
+    opcheck(ops.batch_norm_backward_reduce.default, (grad, x, mean, var, 1e-5))
+    opcheck(ops.batch_norm_backward_apply.default, (grad, x, w, mean, var, sums, 100, 1e-5))
+
+
+def test_sync_steps_make_up_the_training_forward_and_backward():
+    """stats -> apply is the training forward; reduce -> apply (with this batch's own
+    sums and count) its backward: the phases give the same bits as the whole."""
+    x = make_input((6, 4, 7, 7), torch.float32, "contiguous", scale=2, offset=1)
+    w, b = torch.rand(4), torch.randn(4)
+    grad = torch.randn_like(x)
+    out, save_mean, save_var = ops.batch_norm_forward(x, w, b, None, None, True, 1e-5)
+    mean, var = ops.batch_norm_stats(x)
+    assert torch.equal(mean, save_mean) and torch.equal(var, save_var)
+    assert torch.equal(ops.batch_norm_apply(x, w, b, mean, var, 1e-5), out)
+    grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
+        grad, x, w, None, None, mean, var, True, 1e-5, [True, True, True])
+    sums = ops.batch_norm_backward_reduce(grad, x, mean, var, 1e-5)
+    assert_close(sums[0].float(), grad_bias)
+    assert_close((sums[1] * (var + 1e-5).rsqrt()).float(), grad_weight)
+    assert_close(ops.batch_norm_backward_apply(grad, x, w, mean, var, sums, 6 * 49, 1e-5), grad_input)

@@ -846,8 +846,10 @@ void forward_typed(const ForwardArgs& args) {
   };
   auto finish = [&](int64_t c, const Moments& m) {
     const double var = m.m2 / double(m.count);
-    static_cast<double*>(args.save_mean)[c] = m.mean;
-    static_cast<double*>(args.save_var)[c] = var;
+    if (args.save_mean != nullptr) {
+      static_cast<double*>(args.save_mean)[c] = m.mean;
+      static_cast<double*>(args.save_var)[c] = var;
+    }
     // As native: a constant channel with eps = 0 gives invstd 0, not infinity.
     const double invstd = (var == 0 && args.eps == 0) ? 0.0 : 1.0 / std::sqrt(var + args.eps);
     set_coefficients(c, acc_t(m.mean), acc_t(invstd));
@@ -863,6 +865,11 @@ void forward_typed(const ForwardArgs& args) {
                        acc_t(1) / std::sqrt(acc_t(running_var[c]) + acc_t(args.eps)));
       shift[c] -= mean[c] * scale[c];
     }
+  }
+  // Statistics of a larger batch given (SyncBatchNorm): used as if computed here.
+  const bool given = args.training && args.batch_mean != nullptr;
+  if (given) {
+    for (int64_t c = 0; c < C; ++c) finish(c, {1, args.batch_mean[c], args.batch_var[c]});
   }
   auto centered = [](auto v, auto m, auto s, auto t) { return (v - m) * s + t; };
   const bool stream = streams(y, g);
@@ -886,9 +893,11 @@ void forward_typed(const ForwardArgs& args) {
         }
       });
     };
-    if (args.training) {
-      channels_first_reduce_apply<Moments>(
-          blocks, [&](int64_t, const Block& b) { return block_moments(x, b); }, finish, normalize);
+    auto moments = [&](int64_t, const Block& b) { return block_moments(x, b); };
+    if (args.training && !given && y) {
+      channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
+    } else if (args.training && !given) {  // statistics only
+      channels_first_reduce_apply<Moments>(blocks, moments, finish, [](int64_t, const Block&) {});
     } else {
       channels_first_apply(blocks, normalize);
     }
@@ -896,10 +905,11 @@ void forward_typed(const ForwardArgs& args) {
   }
 
   const ChannelsLastPlan plan(g, kLanes<T>);
-  if (args.training) {
+  if (args.training && !given) {
     const std::vector<Moments> moments = channels_last_moments(x, plan);
     for (int64_t c = 0; c < C; ++c) finish(c, moments[c]);
   }
+  if (y == nullptr) return;  // statistics only
   const auto mean_p = lane_pattern(mean, plan.period);
   const auto scale_p = lane_pattern(scale, plan.period);
   const auto shift_p = lane_pattern(shift, plan.period);
@@ -946,12 +956,18 @@ void backward_typed(const BackwardArgs& args) {
   // x, which gives k_x and k_c; in eval they are constants and dx = k_dy * dy.
   std::vector<acc_t> k_dy(C), k_x(C, acc_t(0)), k_c(C, acc_t(0));
   for (int64_t c = 0; c < C; ++c) k_dy[c] = (weight ? acc_t(weight[c]) : acc_t(1)) * invstd[c];
-  const double count = double(g.count());
+  // Values per channel: here, or over all processes when the sums are given (SyncBatchNorm).
+  const double count = double(args.given_sums ? args.count : g.count());
   auto finish = [&](int64_t c, const GradSums& sums) {
     // The sums used x - mean[c]; sum(dy * (x - true mean)) differs by mean_low * sum(dy).
-    const double dy_xmu = sums.dy_xmu - mean_low[c] * sums.dy;
+    // Sums given from outside are already the true ones.
+    const double dy_xmu = args.given_sums ? sums.dy_xmu : sums.dy_xmu - mean_low[c] * sums.dy;
     if (grad_weight) grad_weight[c] = P(dy_xmu * invstd[c]);
     if (grad_bias) grad_bias[c] = P(sums.dy);
+    if (args.grad_sums) {
+      args.grad_sums[c] = sums.dy;
+      args.grad_sums[C + c] = dy_xmu;
+    }
     if (args.training) {
       const double i = invstd[c];
       const double kx = -double(k_dy[c]) * i * i * dy_xmu / count;
@@ -959,7 +975,11 @@ void backward_typed(const BackwardArgs& args) {
       k_c[c] = acc_t(-double(k_dy[c]) * sums.dy / count - kx * mean_low[c]);
     }
   };
-  const bool need_sums = grad_weight || grad_bias || (dx && args.training);
+  if (args.given_sums) {
+    for (int64_t c = 0; c < C; ++c) finish(c, {args.given_sums[c], args.given_sums[C + c]});
+  }
+  const bool need_sums =
+      !args.given_sums && (grad_weight || grad_bias || args.grad_sums || (dx && args.training));
   const bool stream = dx && streams(dx, g);
 
   // The two forms of dx, for a vector or a single value.

@@ -45,6 +45,11 @@ struct ForwardArgs {
   // eval: the running statistics to normalize with.
   const void* running_mean;
   const void* running_var;
+  // SyncBatchNorm: in training, the statistics of the whole batch (mean and biased
+  // variance per channel) to normalize with instead of computing them; and output may be
+  // null, for the statistics alone.
+  const double* batch_mean = nullptr;
+  const double* batch_var = nullptr;
 };
 
 struct BackwardArgs {
@@ -63,6 +68,12 @@ struct BackwardArgs {
   void* grad_input;   // each output may be null: not wanted
   void* grad_weight;  // param_type
   void* grad_bias;    // param_type
+  // SyncBatchNorm: grad_sums (if not null) receives sum(dy) per channel, then
+  // sum(dy * (x - mean)) per channel (2 C doubles); given_sums (if not null) are those sums
+  // over the whole batch, `count` values per channel, and replace the ones of this input.
+  double* grad_sums = nullptr;
+  const double* given_sums = nullptr;
+  int64_t count = 0;
 };
 
 // One set of kernels per instruction set.

@@ -1,0 +1,123 @@
+"""SyncBatchNorm on CPU with gloo: 2 and 3 processes (file rendezvous), compared with one
+native BatchNorm2d over the concatenated batch: outputs, input gradients, summed parameter
+gradients, running statistics; uneven batches and a process with an empty batch; a few
+DistributedDataParallel training steps.  Processes are always cleaned up."""
+import copy
+import os
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import batchnorm_ext
+import sync_worker
+from helpers import assert_close
+
+SCENARIOS = {
+    2: {"even": (1, [3, 3], "contiguous", 0.1, True, 2),
+        "uneven, channels_last": (2, [5, 2], "channels_last", 0.1, True, 2),
+        "one empty, cumulative": (3, [4, 0], "contiguous", None, True, 2),
+        "no affine": (4, [2, 3], "contiguous", 0.3, False, 1)},
+    3: {"even": (5, [2, 2, 2], "contiguous", 0.1, True, 2),
+        "uneven with an empty one": (6, [3, 0, 4], "channels_last", 0.1, True, 2),
+        "mostly one": (8, [1, 6, 1], "contiguous", None, True, 1)},
+}
+DDP_STEPS = 3
+
+
+def launch(world_size, tmp_path, timeout=240):
+    init_file = tmp_path / "rendezvous"
+    context = mp.start_processes(
+        sync_worker.run, args=(world_size, str(init_file), str(tmp_path), SCENARIOS[world_size], DDP_STEPS),
+        nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world_size} processes did not finish in {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sync_batch_norm_is_one_batch_norm_over_all(world_size, tmp_path):
+    ranks = launch(world_size, tmp_path)
+    for name, (seed, batches, layout, momentum, affine, steps) in SCENARIOS[world_size].items():
+        native = torch.nn.BatchNorm2d(sync_worker.CHANNELS, momentum=momentum, affine=affine)
+        native.load_state_dict(sync_worker.module_state(seed, momentum, affine))
+        for step in range(steps):
+            x, grad = sync_worker.full_batch(seed + step, sum(batches), layout)
+            x.requires_grad_()
+            y = native(x)
+            y.backward(grad)
+            ours_y = torch.cat([r[name]["outputs"][step][0] for r in ranks])
+            ours_dx = torch.cat([r[name]["outputs"][step][1] for r in ranks])
+            assert_close(ours_y, y.detach(), msg=lambda m: f"{name}: output: {m}")
+            assert_close(ours_dx, x.grad, msg=lambda m: f"{name}: grad_input: {m}")
+        if affine:  # each process's parameter gradient is its part: together, native's
+            for key in ("weight_grad", "bias_grad"):
+                total = sum(r[name][key] for r in ranks)
+                expected = getattr(native, key.split("_")[0]).grad
+                assert_close(total, expected, scale=10, msg=lambda m: f"{name}: {key}: {m}")
+        for r in ranks:
+            for key, value in native.named_buffers():
+                assert_close(r[name]["buffers"][key], value, rtol=1e-5, atol=1e-6,
+                             msg=lambda m: f"{name}: {key}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_distributed_data_parallel_training(world_size, tmp_path):
+    """A few SGD steps under DistributedDataParallel match one process training native
+    batch norm on the whole batch."""
+    ranks = launch(world_size, tmp_path)
+    model = sync_worker.ddp_model(7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(DDP_STEPS):
+        x, target = sync_worker.ddp_data(7, step, 4 * world_size)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    for key, value in model.state_dict().items():
+        for r in ranks:
+            assert_close(r["ddp"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_same_construction_as_torch():
+    ours, native = batchnorm_ext.SyncBatchNorm(6, momentum=None), torch.nn.SyncBatchNorm(6, momentum=None)
+    assert repr(ours) == repr(native)
+    assert list(ours.state_dict()) == list(native.state_dict())
+    ours.load_state_dict(native.state_dict())
+    assert ours.process_group is None
+
+
+def test_without_a_process_group_it_is_plain_batch_norm():
+    torch.manual_seed(0)
+    sync, native = batchnorm_ext.SyncBatchNorm(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 5)
+    assert_close(sync(x), native(x))
+    assert_close(sync.running_var, native.running_var)
+    sync.eval()
+    native.eval()
+    assert_close(sync(x), native(x))
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        sync(torch.randn(4))
+
+
+def test_convert_sync_batchnorm():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
+                              batchnorm_ext.BatchNorm1d(4, momentum=None))
+    weight = net[1].weight
+    net.eval()
+    converted = batchnorm_ext.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
+    assert [type(m) for m in converted] == [torch.nn.Conv2d, batchnorm_ext.SyncBatchNorm,
+                                            batchnorm_ext.SyncBatchNorm]
+    assert not converted[1].training
+    assert converted[2].momentum is None
+    assert torch.equal(converted[1].weight, weight)
+    same = batchnorm_ext.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert same[1].weight is weight  # the very parameters, as torch's conversion keeps them
