@@ -14,6 +14,7 @@ run under two allocator settings, each in its own process:
     python benchmarks/bench.py                  # the default set, about 2 minutes
     python benchmarks/bench.py --full           # every shape, layout, dtype and mode
     python benchmarks/bench.py --model          # a ResNet-style training step
+    python benchmarks/bench.py --sync           # SyncBatchNorm on 2 processes
     python benchmarks/bench.py --shapes 16x64x112x112 --layouts nhwc --modes train --alloc warm
 
 Writes results/<name>.json, .csv and .png (speed-ups per shape) under benchmarks/.
@@ -242,6 +243,80 @@ def run_model(args, alloc):
 
 
 # ---------------------------------------------------------------------------------------
+# SyncBatchNorm on 2 processes (gloo over loopback) against plain batch norm.
+
+SYNC_SHAPES = ["8x64x112x112", "8x256x56x56", "8x512x28x28", "8x1024x14x14", "8x64x56x56"]
+
+
+def _timed(fn, reps, rounds, barrier):
+    """Median over rounds of the mean time of `reps` calls; every process runs the same
+    number of calls (collectives pair up), starting together."""
+    times = []
+    for _ in range(rounds):
+        barrier()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
+def _sync_worker(rank, world, init_file, out_file, shapes, threads, rounds):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(threads)
+    rows = []
+    for shape in shapes:
+        dims = parse_shape(shape)
+        x = (torch.randn(dims) * 2 + 0.5).requires_grad_()
+        grad = torch.randn(dims)
+        sync, plain = batchnorm_ext.SyncBatchNorm(dims[1]), batchnorm_ext.BatchNorm2d(dims[1])
+        step = lambda m: torch.autograd.grad(m(x), [x, m.weight, m.bias], grad)
+        gathered = [torch.empty(3, dims[1], dtype=torch.float64) for _ in range(world)]
+        local, sums = torch.zeros(3, dims[1], dtype=torch.float64), torch.zeros(2, dims[1], dtype=torch.float64)
+
+        def collectives():  # what one SyncBatchNorm forward + backward exchanges
+            dist.all_gather(gathered, local)
+            dist.all_reduce(sums)
+        reps = max(1, int(2e7 // x.numel()))
+        for fn in (lambda: step(sync), lambda: step(plain), collectives):  # warm up
+            fn()
+        t_sync = _timed(lambda: step(sync), reps, rounds, dist.barrier)
+        t_plain = _timed(lambda: step(plain), reps, rounds, dist.barrier)
+        t_comm = _timed(collectives, reps, rounds, dist.barrier)
+        rows.append({"shape": f"{shape} per process", "layout": "nchw", "dtype": "float32",
+                     "mode": f"SyncBatchNorm fwd+bwd, {world} processes", "allocator": "default",
+                     "native_ms": t_plain * 1e3, "ours_ms": t_sync * 1e3,
+                     "speedup": t_plain / t_sync, "comm_ms": t_comm * 1e3,
+                     "comm_share": t_comm / t_sync})
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_sync(args):
+    import tempfile
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "rows.json")
+        mp.start_processes(_sync_worker, args=(2, os.path.join(tmp, "rendezvous"), out_file,
+                                               args.shapes, args.threads, args.rounds),
+                           nprocs=2, join=True, start_method="spawn")
+        with open(out_file) as f:
+            return json.load(f)
+
+
+def print_sync_table(rows, file=sys.stdout):
+    print("| shape | plain batch norm ms | SyncBatchNorm ms | overhead | communication ms | share of SyncBatchNorm time |", file=file)
+    print("|---|---|---|---|---|---|", file=file)
+    for r in rows:
+        print(f"| {r['shape']} | {r['native_ms']:.3f} | {r['ours_ms']:.3f} | "
+              f"{r['ours_ms'] / r['native_ms']:.2f}x | {r['comm_ms']:.3f} | {100 * r['comm_share']:.0f}% |", file=file)
+
+
+# ---------------------------------------------------------------------------------------
 # Reporting.
 
 
@@ -329,6 +404,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every shape, dtype and mode")
     parser.add_argument("--model", action="store_true", help="a ResNet-style training step instead")
+    parser.add_argument("--sync", action="store_true",
+                        help="SyncBatchNorm forward + backward on 2 processes against plain batch norm")
     parser.add_argument("--shapes", nargs="+", help="N x C x H x W, e.g. 16x64x112x112")
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"], default=["nchw", "nhwc"])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
@@ -341,6 +418,19 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)  # allocator setting of a worker
     args = parser.parse_args()
 
+    if args.sync:
+        args.shapes = args.shapes or SYNC_SHAPES
+        args.rounds = args.rounds or 5
+        meta = {"torch": torch.__version__, "cpu": machine(), "threads": args.threads,
+                "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        print(f"SyncBatchNorm on 2 processes (gloo, loopback), {args.threads} thread(s) each, "
+              f"{meta['cpu']}", flush=True)
+        rows = run_sync(args)
+        print_sync_table(rows)
+        base = write_results(rows, meta, args.name or "sync")
+        print(f"\nwrote {base}.json, .csv")
+        return
     args.shapes = args.shapes or DEFAULT_SHAPES + (FULL_EXTRA_SHAPES if args.full else [])
     args.dtypes = args.dtypes or (list(DTYPES) if args.full else ["float32", "bfloat16"])
     args.modes = args.modes or MODES

@@ -121,3 +121,16 @@ def test_convert_sync_batchnorm():
     assert torch.equal(converted[1].weight, weight)
     same = batchnorm_ext.SyncBatchNorm.convert_sync_batchnorm(net)
     assert same[1].weight is weight  # the very parameters, as torch's conversion keeps them
+
+
+def test_example_runs_with_torchrun():
+    """The README's command for examples/train_syncbn_ddp.py (2 processes, a few steps)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(root, "examples", "train_syncbn_ddp.py"), "--steps", "3"]
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 steps on 2 processes" in done.stdout
