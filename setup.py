@@ -62,7 +62,7 @@ if X86:
 
 # BATCHNORM_EXT_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer build (see
 # scripts/sanitize.sh, which also preloads their runtimes into Python).
-SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-O1"]
 sanitize = os.environ.get("BATCHNORM_EXT_SANITIZE") == "1"
 
 setup(

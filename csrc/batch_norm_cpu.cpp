@@ -114,6 +114,43 @@ cpu::Geometry geometry_of(const Tensor& x, at::MemoryFormat format) {
           channels, inner};
 }
 
+// The arguments every forward kernel call has: x contiguous in `format`, and (optional,
+// already contiguous) weight and bias.  Callers add the rest.
+cpu::ForwardArgs forward_args(const Tensor& x, at::MemoryFormat format, c10::ScalarType param_type,
+                              Tensor* output, const Tensor& weight, const Tensor& bias,
+                              double eps, bool training) {
+  cpu::ForwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = x.scalar_type();
+  args.param_type = param_type;
+  args.input = x.const_data_ptr();
+  args.output = output ? output->mutable_data_ptr() : nullptr;
+  args.weight = data_or_null(weight);
+  args.bias = data_or_null(bias);
+  args.eps = eps;
+  args.training = training;
+  return args;
+}
+
+// The same for the backward: dy and x contiguous in `format`; the statistics are the
+// batch ones (training, float64) or the running ones (eval).
+cpu::BackwardArgs backward_args(const Tensor& dy, const Tensor& x, at::MemoryFormat format,
+                                c10::ScalarType param_type, const Tensor& weight,
+                                const Tensor& mean, const Tensor& var, double eps, bool training) {
+  cpu::BackwardArgs args{};
+  args.geometry = geometry_of(x, format);
+  args.input_type = x.scalar_type();
+  args.param_type = param_type;
+  args.grad_output = dy.const_data_ptr();
+  args.input = x.const_data_ptr();
+  args.weight = data_or_null(weight);
+  args.eps = eps;
+  args.training = training;
+  (training ? args.save_mean : args.running_mean) = data_or_null(mean);
+  (training ? args.save_var : args.running_var) = data_or_null(var);
+  return args;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
@@ -137,16 +174,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
   const Tensor rm = training ? Tensor() : contiguous_or_undefined(running_mean);
   const Tensor rv = training ? Tensor() : contiguous_or_undefined(running_var);
-  cpu::ForwardArgs args{};
-  args.geometry = geometry_of(x, format);
-  args.input_type = input.scalar_type();
-  args.param_type = param_type;
-  args.input = x.const_data_ptr();
-  args.output = output.mutable_data_ptr();
-  args.weight = data_or_null(w);
-  args.bias = data_or_null(b);
-  args.eps = eps;
-  args.training = training;
+  cpu::ForwardArgs args = forward_args(x, format, param_type, &output, w, b, eps, training);
   args.save_mean = training ? save_mean.mutable_data_ptr() : nullptr;
   args.save_var = training ? save_var.mutable_data_ptr() : nullptr;
   args.running_mean = data_or_null(rm);
@@ -190,23 +218,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   }
 
   const Tensor w = contiguous_or_undefined(weight);
-  const Tensor rm = training ? Tensor() : contiguous_or_undefined(running_mean);
-  const Tensor rv = training ? Tensor() : contiguous_or_undefined(running_var);
-  const Tensor mean = training ? save_mean.contiguous() : Tensor();
-  const Tensor var = training ? save_var.contiguous() : Tensor();
-  cpu::BackwardArgs args{};
-  args.geometry = geometry_of(x, format);
-  args.input_type = input.scalar_type();
-  args.param_type = param_type;
-  args.grad_output = dy.const_data_ptr();
-  args.input = x.const_data_ptr();
-  args.weight = data_or_null(w);
-  args.eps = eps;
-  args.training = training;
-  args.save_mean = data_or_null(mean);
-  args.save_var = data_or_null(var);
-  args.running_mean = data_or_null(rm);
-  args.running_var = data_or_null(rv);
+  const Tensor mean = training ? save_mean.contiguous() : contiguous_or_undefined(running_mean);
+  const Tensor var = training ? save_var.contiguous() : contiguous_or_undefined(running_var);
+  cpu::BackwardArgs args = backward_args(dy, x, format, param_type, w, mean, var, eps, training);
   args.grad_input = grad_input.defined() ? grad_input.mutable_data_ptr() : nullptr;
   args.grad_weight = grad_weight.defined() ? grad_weight.mutable_data_ptr() : nullptr;
   args.grad_bias = grad_bias.defined() ? grad_bias.mutable_data_ptr() : nullptr;
@@ -274,12 +288,8 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const auto options = input.options().dtype(at::kDouble);
   Tensor mean = at::zeros({input.size(1)}, options), var = at::zeros({input.size(1)}, options);
   if (x.numel() == 0) return {mean, var};
-  cpu::ForwardArgs args{};
-  args.geometry = geometry_of(x, format);
-  args.input_type = args.param_type = input.scalar_type();
-  args.input = x.const_data_ptr();
-  args.output = nullptr;  // statistics only
-  args.training = true;
+  cpu::ForwardArgs args = forward_args(x, format, input.scalar_type(), /*output=*/nullptr,
+                                       Tensor(), Tensor(), 0.0, /*training=*/true);
   args.save_mean = mean.mutable_data_ptr();
   args.save_var = var.mutable_data_ptr();
   cpu::active_kernels().forward(args);
@@ -299,34 +309,11 @@ Tensor batch_norm_apply_cpu(const Tensor& input, const optional<Tensor>& weight,
   if (x.numel() == 0) return output;
   const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
   const Tensor m = mean.contiguous(), v = var.contiguous();
-  cpu::ForwardArgs args{};
-  args.geometry = geometry_of(x, format);
-  args.input_type = input.scalar_type();
-  args.param_type = param_type;
-  args.input = x.const_data_ptr();
-  args.output = output.mutable_data_ptr();
-  args.weight = data_or_null(w);
-  args.bias = data_or_null(b);
-  args.eps = eps;
-  args.training = true;
+  cpu::ForwardArgs args = forward_args(x, format, param_type, &output, w, b, eps, true);
   args.batch_mean = m.const_data_ptr<double>();
   args.batch_var = v.const_data_ptr<double>();
   cpu::active_kernels().forward(args);
   return output;
-}
-
-cpu::BackwardArgs sync_backward_args(const Tensor& dy, const Tensor& x, at::MemoryFormat format,
-                                     const Tensor& mean, const Tensor& var, double eps) {
-  cpu::BackwardArgs args{};
-  args.geometry = geometry_of(x, format);
-  args.input_type = x.scalar_type();
-  args.grad_output = dy.const_data_ptr();
-  args.input = x.const_data_ptr();
-  args.eps = eps;
-  args.training = true;
-  args.save_mean = mean.const_data_ptr();
-  args.save_var = var.const_data_ptr();
-  return args;
 }
 
 // sum(dy) and sum(dy * (x - mean)) per channel, as a (2, C) float64 tensor.
@@ -341,8 +328,8 @@ Tensor batch_norm_backward_reduce_cpu(const Tensor& grad_output, const Tensor& i
   const at::MemoryFormat format = input.suggest_memory_format();
   const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
   const Tensor m = mean.contiguous(), v = var.contiguous();
-  cpu::BackwardArgs args = sync_backward_args(dy, x, format, m, v, eps);
-  args.param_type = input.scalar_type();
+  cpu::BackwardArgs args =
+      backward_args(dy, x, format, input.scalar_type(), Tensor(), m, v, eps, true);
   args.grad_sums = sums.mutable_data_ptr<double>();
   cpu::active_kernels().backward(args);
   return sums;
@@ -366,9 +353,7 @@ Tensor batch_norm_backward_apply_cpu(const Tensor& grad_output, const Tensor& in
   if (x.numel() == 0) return grad_input;
   const Tensor w = contiguous_or_undefined(weight);
   const Tensor m = mean.contiguous(), v = var.contiguous(), s = sums.contiguous();
-  cpu::BackwardArgs args = sync_backward_args(dy, x, format, m, v, eps);
-  args.param_type = param_type;
-  args.weight = data_or_null(w);
+  cpu::BackwardArgs args = backward_args(dy, x, format, param_type, w, m, v, eps, true);
   args.grad_input = grad_input.mutable_data_ptr();
   args.given_sums = s.const_data_ptr<double>();
   args.count = count;
