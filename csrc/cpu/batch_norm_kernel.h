@@ -536,8 +536,10 @@ void for_each_column_group(int64_t period, F f) {
   }
 }
 
+// Returns false if the block holds Inf or NaN or its float sums overflowed (see
+// block_moments): then lane_sums_exact must do it again.
 template <typename T>
-void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out) {
+bool lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out) {
   using acc_t = opmath_t<T>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = kLanes<T>;
@@ -551,6 +553,7 @@ void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
   // Sweep 2, over the block now in L1: a group of columns at a time, so that the
   // accumulators are registers.
   const Vec inv_n(acc_t(1) / acc_t(n));
+  Vec all_sq(0);
   for_each_column_group<T>(period, [&](auto group, int64_t k) {
     constexpr int G = decltype(group)::value;
     Vec mean[G], dev[G], sq[G];
@@ -569,8 +572,10 @@ void lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
       mean[g].store(out.mean.data() + k + g * L);
       dev[g].store(out.dev.data() + k + g * L);
       sq[g].store(out.sq.data() + k + g * L);
+      all_sq += sq[g];
     }
   });
+  return std::isfinite(sum_lanes(all_sq));
 }
 
 // The slow path of lane_sums, in double one value at a time (see block_moments_exact):
@@ -592,27 +597,35 @@ void lane_sums_exact(const T* x, int64_t period, int64_t n, LaneSums<double>& ou
   }
 }
 
-// Chan's merge of (other_count, other_mean, other_m2) into one lane.
+// Chan's merge of (other_count, other_mean, other_m2) into one lane.  kInfinite: a mean
+// may be infinite (see merged_mean); otherwise plain multiply-adds that vectorize.
+template <bool kInfinite>
 inline void merge_lane(double& mean, double& m2, double other_mean, double other_m2,
                        double own_share, double other_share, double cross) {
   const double delta = other_mean - mean;
-  mean = merged_mean(mean, other_mean, delta, own_share, other_share);
+  if constexpr (kInfinite) {
+    mean = merged_mean(mean, other_mean, delta, own_share, other_share);
+  } else {
+    mean += delta * other_share;
+  }
   m2 += other_m2 + delta * delta * cross;
 }
 
 // Chan's merge for every lane at once.  All lanes hold the same count, so the weights are
-// two scalars and the loops are plain multiply-adds.
-inline void merge_lanes(double* mean, double* m2, int64_t count, const double* other_mean,
-                        const double* other_m2, int64_t other_count, int64_t width) {
+// scalars.
+template <bool kInfinite>
+void merge_lanes(double* mean, double* m2, int64_t count, const double* other_mean,
+                 const double* other_m2, int64_t other_count, int64_t width) {
   const double own_share = double(count) / double(count + other_count);
   const double other_share = double(other_count) / double(count + other_count);
   const double cross = double(count) * other_share;
   for (int64_t l = 0; l < width; ++l) {
-    merge_lane(mean[l], m2[l], other_mean[l], other_m2[l], own_share, other_share, cross);
+    merge_lane<kInfinite>(mean[l], m2[l], other_mean[l], other_m2[l], own_share, other_share,
+                          cross);
   }
 }
 
-template <typename A>
+template <bool kInfinite, typename A>
 void merge_block_lanes(double* mean, double* m2, int64_t count, const LaneSums<A>& block,
                        int64_t other_count, int64_t width) {
   const double own_share = double(count) / double(count + other_count);
@@ -621,9 +634,9 @@ void merge_block_lanes(double* mean, double* m2, int64_t count, const LaneSums<A
   const double inv_n = 1.0 / double(other_count);
   for (int64_t l = 0; l < width; ++l) {
     const double dev = block.dev[l];
-    merge_lane(mean[l], m2[l], double(block.mean[l]) + dev * inv_n,
-               non_negative(double(block.sq[l]) - dev * dev * inv_n), own_share, other_share,
-               cross);
+    merge_lane<kInfinite>(mean[l], m2[l], double(block.mean[l]) + dev * inv_n,
+                          non_negative(double(block.sq[l]) - dev * dev * inv_n), own_share,
+                          other_share, cross);
   }
 }
 
@@ -646,36 +659,52 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
   const int64_t P = plan.period;
   const int64_t C = plan.channels;
 
-  // Per-lane statistics of each chunk: mean[P] then m2[P].
-  const std::vector<double> chunk_stats = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
+  // Per-lane statistics of each chunk: mean[P] then m2[P], then 1 if a mean may be
+  // infinite (a block went through lane_sums_exact).
+  const int64_t width = 2 * P + 1;
+  const std::vector<double> chunk_stats = reduce_chunks(plan, width, [&](int64_t chunk, double* out) {
     LaneSums<acc_t> block(P);
     LaneSums<double> exact(P);
+    bool infinite = false;
     int64_t count = 0;
     const int64_t first = chunk * plan.blocks_per_chunk;
     const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
     for (int64_t b = first; b < last; ++b) {
       const int64_t n = plan.periods_in(b);
       const T* rows = x + plan.first_period(b) * P;
-      lane_sums(rows, P, n, block);
-      if (std::isfinite(std::accumulate(block.sq.begin(), block.sq.end(), 0.0))) {
-        merge_block_lanes(out, out + P, count, block, n, P);
-      } else {  // Inf, NaN or float overflow somewhere in the block: redo it in double
+      const bool finite = lane_sums(rows, P, n, block);
+      if (!finite) {  // Inf, NaN or float overflow in the block: redo it in double
         lane_sums_exact(rows, P, n, exact);
-        merge_block_lanes(out, out + P, count, exact, n, P);
+        infinite = true;
+      }
+      // From then on a mean may be infinite, and the merges must allow for it.
+      if (!infinite) {
+        merge_block_lanes<false>(out, out + P, count, block, n, P);
+      } else if (finite) {
+        merge_block_lanes<true>(out, out + P, count, block, n, P);
+      } else {
+        merge_block_lanes<true>(out, out + P, count, exact, n, P);
       }
       count += n;
     }
+    out[2 * P] = infinite ? 1.0 : 0.0;
   });
 
   // Merge the chunks in order, then fold lanes into channels: lane l is channel l % C.
+  bool infinite = false;
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) infinite |= chunk_stats[chunk * width + 2 * P] != 0;
   std::vector<double> mean(P, 0.0), m2(P, 0.0);
   int64_t count = 0;
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t first = chunk * plan.blocks_per_chunk;
     const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
     const int64_t n = plan.first_period(last - 1) + plan.periods_in(last - 1) - plan.first_period(first);
-    const double* stats = chunk_stats.data() + chunk * 2 * P;
-    merge_lanes(mean.data(), m2.data(), count, stats, stats + P, n, P);
+    const double* stats = chunk_stats.data() + chunk * width;
+    if (infinite) {
+      merge_lanes<true>(mean.data(), m2.data(), count, stats, stats + P, n, P);
+    } else {
+      merge_lanes<false>(mean.data(), m2.data(), count, stats, stats + P, n, P);
+    }
     count += n;
   }
   std::vector<Moments> channel(C);
