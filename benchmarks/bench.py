@@ -360,6 +360,7 @@ def chart(rows, path, meta):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = list(dict.fromkeys((r["layout"], r["dtype"], r["mode"]) for r in rows))
     allocs = list(dict.fromkeys(r["allocator"] for r in rows))
@@ -372,13 +373,16 @@ def chart(rows, path, meta):
             bars = ax.bar([j + i * width for j in range(len(shapes))], speedups, width, label=f"{alloc} allocator")
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")  # speed-ups from below 1 to above 10 on one chart
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([j + width * (len(allocs) - 1) / 2 for j in range(len(shapes))], shapes, fontsize=8)
         ax.set_ylabel("native / ours")
         ax.set_title(f"{MODE_TITLES.get(mode, mode)}, {layout}, {dtype}", fontsize=10)
         ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(f"batchnorm_ext speed-up over torch.nn.BatchNorm2d ({meta['threads']} thread(s), "
                  f"torch {meta['torch']}, {meta['cpu']})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=90)
 
 
