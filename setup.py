@@ -1,8 +1,8 @@
 """Builds batchnorm_ext._C: the custom operators and their CPU kernels.
 
-The kernel source (csrc/cpu/batch_norm_kernel.h) is compiled three times, once per
-instruction set (csrc/cpu/kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp), each
-with its own -m flags; csrc/cpu/dispatch.cpp picks one at run time.  So the default build
+The kernel source (csrc/cpu/batch_norm_kernel.h) is compiled once per instruction set
+(csrc/cpu/kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp, kernel_avx512bf16.cpp),
+each with its own -m flags; csrc/cpu/dispatch.cpp picks one at run time.  So the default build
 runs on any x86-64 CPU and still uses AVX-512 where there is one.
 """
 import os
@@ -13,10 +13,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # Extra flags for the sources whose name ends in _<isa>.cpp.  CPU_CAPABILITY selects the
 # at::vec implementation (and its namespace) exactly as ATen's own kernels do.
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"]
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": AVX512 + ["-DCPU_CAPABILITY=AVX512"],
+    # AVX-512 plus the bfloat16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4):
+    # at::vec's AVX-512 code, with one instruction where it rounds floats to bfloat16.
+    "avx512bf16": AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512_BF16"],
 }
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -58,7 +61,8 @@ sources = [
     "csrc/cpu/kernel_default.cpp",
 ]
 if X86:
-    sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+    sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp",
+                "csrc/cpu/kernel_avx512bf16.cpp"]
 
 # BATCHNORM_EXT_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer build (see
 # scripts/sanitize.sh, which also preloads their runtimes into Python).

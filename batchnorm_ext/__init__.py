@@ -18,12 +18,13 @@ __version__ = "0.1.0"
 
 
 def cpu_capability():
-    """The instruction set the kernels use: 'AVX512', 'AVX2' or 'DEFAULT'."""
+    """The instruction set the kernels use: 'AVX512_BF16', 'AVX512', 'AVX2' or 'DEFAULT'."""
     return _C.cpu_capability()
 
 
 def set_cpu_capability(name):
-    """Use the kernels built for `name` ('AVX512', 'AVX2' or 'DEFAULT'); the CPU must have it."""
+    """Use the kernels built for `name` ('AVX512_BF16', 'AVX512', 'AVX2' or 'DEFAULT'); the
+    CPU must have it."""
     _C.set_cpu_capability(name)
 
 

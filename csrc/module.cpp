@@ -28,7 +28,7 @@ PyObject* set_cpu_capability(PyObject*, PyObject* name) {
 
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
-     "The instruction set the kernels use: 'AVX512', 'AVX2' or 'DEFAULT'."},
+     "The instruction set the kernels use: 'AVX512_BF16', 'AVX512', 'AVX2' or 'DEFAULT'."},
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "Use the kernels built for this instruction set (one the CPU supports)."},
     {nullptr, nullptr, 0, nullptr},

@@ -17,7 +17,7 @@ import batchnorm_ext
 
 def available_capabilities():
     """The kernel builds this CPU can run, best first."""
-    order = ["AVX512", "AVX2", "DEFAULT"]
+    order = ["AVX512_BF16", "AVX512", "AVX2", "DEFAULT"]
     best = batchnorm_ext.cpu_capability()
     return order[order.index(best):]
 

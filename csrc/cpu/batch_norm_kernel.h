@@ -73,7 +73,11 @@ inline Vectorized<opmath_t<T>> load_vec(const T* p, int64_t count, opmath_t<T> f
 template <typename T>
 inline auto narrow(const Vectorized<float>& v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+    return __m256i(_mm512_cvtneps_pbh(v));  // one instruction; at::vec rounds in software
+#else
     return at::vec::cvtfp32_bf16(v);
+#endif
   } else {
     return at::vec::cvtfp32_fp16(v);
   }

@@ -1,5 +1,6 @@
 // Chooses the kernels built for the best instruction set this CPU has.  ATen makes the
-// same choice for its own kernels (and honours ATEN_CPU_CAPABILITY), so we follow it.
+// same choice for its own kernels (and honours ATEN_CPU_CAPABILITY), so we follow it, and
+// on top of its AVX512 take the bfloat16 instructions where the CPU has them.
 #include "kernel_api.h"
 
 #include <ATen/Version.h>
@@ -18,6 +19,7 @@ struct Choice {
 // Best first.
 const Choice kChoices[] = {
 #ifdef BATCHNORM_EXT_X86
+    {"AVX512_BF16", &kernels_AVX512_BF16},
     {"AVX512", &kernels_AVX512},
     {"AVX2", &kernels_AVX2},
 #endif
@@ -33,7 +35,10 @@ const Choice* find(const std::string& name) {
 
 // The best set ATen's own check allows on this CPU: the first of kChoices at or below it.
 const Choice* best_choice() {
-  const std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
+  std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
+#ifdef BATCHNORM_EXT_X86
+  if (aten == "AVX512" && __builtin_cpu_supports("avx512bf16")) aten = "AVX512_BF16";
+#endif
   bool reached = false;
   for (const Choice& choice : kChoices) {
     reached = reached || aten == choice.name;

@@ -86,11 +86,13 @@ extern const KernelTable kernels_DEFAULT;
 #ifdef BATCHNORM_EXT_X86
 extern const KernelTable kernels_AVX2;
 extern const KernelTable kernels_AVX512;
+extern const KernelTable kernels_AVX512_BF16;
 #endif
 
 // The kernels for this CPU (chosen on first use, see dispatch.cpp).
 const KernelTable& active_kernels();
-// "DEFAULT", "AVX2" or "AVX512": the set in use, and a way to force one (tests, benchmarks).
+// "DEFAULT", "AVX2", "AVX512" or "AVX512_BF16": the set in use, and a way to force one
+// (tests, benchmarks).
 std::string cpu_capability();
 void set_cpu_capability(const std::string& name);
 

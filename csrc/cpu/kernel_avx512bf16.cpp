@@ -1,0 +1,3 @@
+// The kernels of batch_norm_kernel.h built for one instruction set; setup.py adds the
+// matching -m flags and CPU_CAPABILITY for files named kernel_<isa>.cpp.
+#include "batch_norm_kernel.h"
