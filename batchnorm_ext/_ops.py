@@ -94,8 +94,8 @@ def _forward_fake(input, weight, bias, running_mean, running_var, training, eps)
 
 @torch.library.register_fake("batchnorm_ext::batch_norm_backward")
 def _backward_fake(grad_output, input, weight, running_mean, running_var, save_mean, save_var,
-                   training, eps, output_mask):
-    param_dtype = check_inputs(input, weight, None, running_mean, running_var, training)
+                   training, eps, output_mask, param_dtype=None):
+    param_dtype = param_dtype or check_inputs(input, weight, None, running_mean, running_var, training)
     channels = input.shape[1]
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:

@@ -2,7 +2,7 @@
 import torch
 import torch.autograd.forward_ad as _fwad
 
-from ._ops import check_functional_args, ops
+from ._ops import check_functional_args, check_inputs, ops
 
 _batch_norm = ops.batch_norm.default
 _forward = ops.batch_norm_forward.default
@@ -36,11 +36,17 @@ def _normalize(input, weight, bias, running_mean, running_var, training, momentu
 def _batch_norm_with_jvp(input, weight, bias, running_mean, running_var, training, momentum,
                          eps, num_batches_tracked):
     # The composite operator's steps (csrc/autograd.cpp, batch_norm), with the forward
-    # through a Function that has a jvp.
+    # through a Function that has a jvp.  The running statistics are checked here: in
+    # training the Function does not take them.
     check_functional_args(input, training, eps)
     if input.numel() == 0:
         return _batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
                            eps, num_batches_tracked)
+    check_inputs(input, weight, bias, running_mean, running_var, training)
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and stat.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"batch_norm is not differentiable with respect to argument "
+                               f"'{name}'. This input cannot have requires_grad True.")
     output, save_mean, save_var = _BatchNormFunction.apply(
         input, weight, bias, None if training else running_mean,
         None if training else running_var, training, eps)
@@ -76,6 +82,8 @@ class _BatchNormFunction(torch.autograd.Function):
         input, weight, bias, running_mean, running_var, training, eps = inputs
         _, save_mean, save_var = output
         ctx.training, ctx.eps = training, eps
+        given = [p for p in (weight, bias, running_mean, running_var) if p is not None]
+        ctx.param_dtype = given[0].dtype if given else input.dtype
         ctx.save_for_backward(input, weight, running_mean, running_var, save_mean, save_var)
         ctx.save_for_forward(input, weight, running_mean, running_var, save_mean, save_var)
         ctx.mark_non_differentiable(save_mean, save_var)
@@ -84,7 +92,8 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_mean, _grad_var):
         input, weight, running_mean, running_var, save_mean, save_var = ctx.saved_tensors
         grads = _backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                          save_var, ctx.training, ctx.eps, list(ctx.needs_input_grad[:3]))
+                          save_var, ctx.training, ctx.eps, list(ctx.needs_input_grad[:3]),
+                          ctx.param_dtype)
         return (*grads, None, None, None, None)
 
     @staticmethod

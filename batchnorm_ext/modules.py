@@ -9,31 +9,34 @@ import torch
 from .functional import _normalize
 
 
+def batch_norm_arguments(module):
+    """What torch's _BatchNorm.forward passes to F.batch_norm, in our operator's terms:
+    (running_mean, running_var, use_batch_stats, momentum, num_batches_tracked).  Counts the
+    batch in num_batches_tracked, as torch does."""
+    momentum = module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+    elif momentum is None:
+        momentum = 0.0  # torch's factor when there is no counter to average with
+    # Batch statistics normalize in training, and in eval when there are no buffers.
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    # Buffers are passed to be updated (training and tracked) or to normalize (eval).
+    use_buffers = not module.training or module.track_running_stats
+    return (module.running_mean if use_buffers else None,
+            module.running_var if use_buffers else None,
+            use_batch_stats,
+            momentum,
+            # momentum=None: a cumulative average over num_batches_tracked batches, computed
+            # by the operator from the counter (no host round trip: torch.compile keeps one graph).
+            module.num_batches_tracked if momentum is None else None)
+
+
 class _Forward:
     def forward(self, input):
         self._check_input_dim(input)
-        momentum = self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        elif momentum is None:
-            momentum = 0.0  # torch's factor when there is no counter to average with
-        # Batch statistics normalize in training, and in eval when there are no buffers.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are passed to be updated (training and tracked) or to normalize (eval).
-        use_buffers = not self.training or self.track_running_stats
-        return _normalize(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            # momentum=None: a cumulative average over num_batches_tracked batches, computed
-            # by the operator from the counter (no host round trip, so torch.compile keeps one graph).
-            self.num_batches_tracked if momentum is None else None,
-        )
+        running_mean, running_var, use_batch_stats, momentum, counter = batch_norm_arguments(self)
+        return _normalize(input, self.weight, self.bias, running_mean, running_var,
+                          use_batch_stats, momentum, self.eps, counter)
 
 
 class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
@@ -58,12 +61,10 @@ _REPLACEMENTS = {
 def _converted(module):
     """The same module as an instance of our class: same parameters and buffers (the very
     tensors, so an optimizer built before conversion keeps working), training mode, hooks
-    and attributes."""
+    (the very hook tables, so handles taken before still remove them) and attributes.  The
+    old module shares them and is meant to be dropped."""
     new = _REPLACEMENTS[type(module)].__new__(_REPLACEMENTS[type(module)])
     new.__dict__.update(module.__dict__)
-    for name, value in module.__dict__.items():
-        if isinstance(value, dict):  # _parameters, _buffers, _modules, hook tables
-            new.__dict__[name] = value.copy()
     return new
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ._ops import ops
 from .functional import _normalize
+from .modules import batch_norm_arguments
 
 
 def merge_statistics(counts, means, m2s):
@@ -88,25 +89,16 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        momentum = self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        elif momentum is None:
-            momentum = 0.0
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
+        running_mean, running_var, use_batch_stats, momentum, counter = batch_norm_arguments(self)
         group, world_size = None, 1
         if use_batch_stats and self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
-        nbt = self.num_batches_tracked if momentum is None else None
         if world_size == 1:  # eval, no process group, or a group of one: plain batch norm
             return _normalize(input, self.weight, self.bias, running_mean, running_var,
-                              use_batch_stats, momentum, self.eps, nbt)
+                              use_batch_stats, momentum, self.eps, counter)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
-                                            running_var, self.eps, momentum, nbt, group,
+                                            running_var, self.eps, momentum, counter, group,
                                             world_size)
 
     @classmethod

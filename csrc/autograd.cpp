@@ -4,8 +4,10 @@
 // batch_norm_forward's backward calls batch_norm_backward.  batch_norm_backward is itself
 // differentiable: when a gradient of the gradient is wanted (create_graph=True), it is
 // computed from ATen operations that autograd can differentiate again; otherwise it runs
-// the kernel.  Forward-mode AD is in Python (batchnorm_ext/_autograd.py): a C++ autograd
+// the kernel.  Forward-mode AD is in Python (batchnorm_ext/functional.py): a C++ autograd
 // Function has no jvp.
+#include "checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -23,7 +25,6 @@ using torch::autograd::variable_list;
 
 namespace {
 
-bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 Tensor or_undefined(const optional<Tensor>& t) { return given(t) ? *t : Tensor(); }
 optional<Tensor> or_none(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
@@ -44,7 +45,8 @@ const auto& backward_op() {
           .findSchemaOrThrow("batchnorm_ext::batch_norm_backward", "")
           .typed<ForwardResult(const Tensor&, const Tensor&, const optional<Tensor>&,
                                const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-                               const Tensor&, bool, double, std::array<bool, 3>)>();
+                               const Tensor&, bool, double, std::array<bool, 3>,
+                               optional<c10::ScalarType>)>();
   return op;
 }
 
@@ -86,6 +88,15 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = given(bias);
+    // The parameter dtype, which the backward cannot tell when only a bias was given.
+    c10::ScalarType param_dtype = input.scalar_type();
+    for (const optional<Tensor>* p : {&weight, &bias, &running_mean, &running_var}) {
+      if (given(*p)) {
+        param_dtype = (*p)->scalar_type();
+        break;
+      }
+    }
+    ctx->saved_data["param_dtype"] = static_cast<int64_t>(param_dtype);
     ctx->mark_non_differentiable({save_mean, save_var});
     ctx->set_materialize_grads(false);  // no zero gradients made up for save_mean, save_var
     return {output, save_mean, save_var};
@@ -102,7 +113,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                       has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     auto [grad_input, grad_weight, grad_bias] = backward_op().call(
         grad_output, saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]), saved[4],
-        saved[5], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
+        saved[5], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask,
+        static_cast<c10::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
     return {grad_input, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -125,7 +137,8 @@ ForwardResult differentiable_backward(const Tensor& grad_output, const Tensor& i
                                       const optional<Tensor>& weight,
                                       const optional<Tensor>& running_mean,
                                       const optional<Tensor>& running_var, bool training,
-                                      double eps, std::array<bool, 3> mask) {
+                                      double eps, std::array<bool, 3> mask,
+                                      optional<c10::ScalarType> param_dtype) {
   // Sizes stay symbolic (sym_size) so that torch.compile can trace this with dynamic shapes.
   std::vector<int64_t> reduce_dims = {0};
   std::vector<c10::SymInt> shape(input.dim(), 1);  // (1, C, 1, ...): broadcasts over a channel
@@ -152,7 +165,7 @@ ForwardResult differentiable_backward(const Tensor& grad_output, const Tensor& i
                           : dy;
     grad_input = (grad_input * (invstd * w)).to(input.scalar_type());
   }
-  const auto param_type = given(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_type = given(weight) ? weight->scalar_type() : param_dtype.value_or(input.scalar_type());
   if (mask[1]) grad_weight = dy_x_hat.sum(reduce_dims).to(param_type);
   if (mask[2]) grad_bias = dy.sum(reduce_dims).to(param_type);
   return {grad_input, grad_weight, grad_bias};
@@ -163,17 +176,18 @@ ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tens
                                            const optional<Tensor>& running_mean,
                                            const optional<Tensor>& running_var,
                                            const Tensor& save_mean, const Tensor& save_var,
-                                           bool training, double eps, std::array<bool, 3> mask) {
+                                           bool training, double eps, std::array<bool, 3> mask,
+                                           optional<c10::ScalarType> param_dtype) {
   const bool differentiate = at::GradMode::is_enabled() &&
                              (grad_output.requires_grad() || input.requires_grad() ||
                               (given(weight) && weight->requires_grad()));
   if (differentiate) {
     return differentiable_backward(grad_output, input, weight, running_mean, running_var,
-                                   training, eps, mask);
+                                   training, eps, mask, param_dtype);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return backward_op().call(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_var, training, eps, mask);
+                            save_var, training, eps, mask, param_dtype);
 }
 
 // What torch.nn.functional.batch_norm checks before anything else, with its exception

@@ -27,7 +27,6 @@ void check_parameter(const Tensor& input, const optional<Tensor>& param, const c
 }
 
 
-bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
@@ -187,9 +186,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
     const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
-    std::array<bool, 3> output_mask) {
-  const c10::ScalarType param_type =
+    std::array<bool, 3> output_mask, optional<c10::ScalarType> param_dtype) {
+  c10::ScalarType param_type =
       check_inputs(input, weight, std::nullopt, running_mean, running_var, training);
+  if (param_dtype.has_value() && *param_dtype != param_type) {
+    // Only a bias (not an argument here) could have set another parameter dtype.
+    const bool told = given(weight) || (!training && given(running_mean));
+    const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
+    TORCH_CHECK(!told && reduced && *param_dtype == at::kFloat,
+                "batch_norm_backward: param_dtype ", *param_dtype, " does not match the parameters (",
+                param_type, ")");
+    param_type = *param_dtype;
+  }
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output of size ",
               grad_output.sizes(), " does not match input of size ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
@@ -228,8 +236,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
-// running = f * batch + (1 - f) * running, in the running statistics' own precision (as
-// native does), with the unbiased variance.
+// running = f * batch + (1 - f) * running, with the unbiased variance, computed in the
+// opmath type of the buffers (float for float, bfloat16 and half; as native) and rounded.
 void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const Tensor& batch_mean,
                               const Tensor& batch_var, int64_t count, optional<double> momentum,
                               const optional<Tensor>& num_batches_tracked) {
@@ -255,8 +263,8 @@ void update_running_stats_cpu(Tensor& running_mean, Tensor& running_var, const T
   const double* mean_data = mean.const_data_ptr<double>();
   const double* var_data = var.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rm.scalar_type(), "update_running_stats_", [&] {
-    // In the buffers' own precision, as native: for float buffers exactly
-    // momentum * mean + (1 - momentum) * running, each rounded to float.
+    // As native: for float buffers exactly momentum * mean + (1 - momentum) * running, each
+    // term rounded to float.
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t f = acc_t(factor), keep = acc_t(1.0 - factor);
     scalar_t* rm_data = rm.mutable_data_ptr<scalar_t>();

@@ -1,5 +1,5 @@
-// Argument checks shared by the CPU operators (batch_norm_cpu.cpp) and the composite
-// batch_norm (autograd.cpp).  Types and messages follow native batch norm.
+// Argument checks of the CPU operators (batch_norm_cpu.cpp), shared with autograd.cpp.
+// Types and messages follow native batch norm.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +7,9 @@
 #include <optional>
 
 namespace batchnorm_ext {
+
+// An optional tensor that is there.
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Parameters (weight, bias, running_mean, running_var): on the input's device, with C
 // elements; running statistics given in eval (both or neither in training); all of one

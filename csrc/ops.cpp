@@ -12,11 +12,14 @@ TORCH_LIBRARY(batchnorm_ext, m) {
       "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
 
   // Gradients of batch_norm_forward with respect to input, weight and bias; output_mask
-  // says which ones are wanted (the others come back undefined).
+  // says which ones are wanted (the others come back undefined).  param_dtype: the dtype
+  // of the parameters in the forward, for when no tensor here tells it (only a bias was
+  // given, which the backward does not need).
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor save_mean, Tensor save_var, "
-      "bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool training, float eps, bool[3] output_mask, ScalarType? param_dtype=None) -> "
+      "(Tensor, Tensor, Tensor)");
 
   // running = (1 - f) * running + f * batch, with the unbiased variance (count / (count - 1)).
   // f = momentum, or 1 / num_batches_tracked (a cumulative average) when momentum is None.

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -74,10 +75,15 @@ template <typename T>
 inline auto narrow(const Vectorized<float>& v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #if defined(__AVX512BF16__)
-    return __m256i(_mm512_cvtneps_pbh(v));  // one instruction; at::vec rounds in software
-#else
-    return at::vec::cvtfp32_bf16(v);
+    // One instruction instead of at::vec's rounding in software, unless a lane holds a
+    // denormal float: the instruction flushes those to zero, software rounding keeps them.
+    const __m512 magnitude = _mm512_abs_ps(v);
+    const __mmask16 denormal =
+        _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ) &
+        _mm512_cmp_ps_mask(magnitude, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    if (denormal == 0) return __m256i(_mm512_cvtneps_pbh(v));
 #endif
+    return at::vec::cvtfp32_bf16(v);
   } else {
     return at::vec::cvtfp32_fp16(v);
   }
@@ -378,7 +384,7 @@ struct ChannelsFirstBlocks {
     if (g.inner >= kBlockValues) {
       planes_per_block = 1;
       pieces_per_plane = divup(g.inner, kBlockValues);
-      // Whole cache lines of 64 values, so that every piece starts aligned.
+      // A multiple of 64 values: pieces start aligned whenever the plane does.
       piece_len = divup(divup(g.inner, pieces_per_plane), 64) * 64;
       pieces_per_plane = divup(g.inner, piece_len);
       per_channel = g.batch * pieces_per_plane;
@@ -499,13 +505,15 @@ struct ChannelsLastPlan {
     periods = rows * channels / period;
     tail_begin = periods * period;
     // About 4096 values (16 KiB of floats, in L1 between the two sweeps), and at least 16
-    // rows so that merging blocks costs little next to reading them.
+    // periods so that merging blocks costs little next to reading them (so for a long
+    // period, C large and not a multiple of the lanes, a block outgrows L1).
     periods_per_block = std::clamp<int64_t>(2 * kBlockValues / period, 16, 64);
     blocks = divup(periods, periods_per_block);
     // Chunks have a fixed size, never one per thread: the result must not depend on the
-    // number of threads.  At most 256 of them, which bounds the scratch space.
+    // number of threads.  Their per-lane results (2 P + 1 doubles each) take at most 8 MiB.
+    const int64_t max_chunks = std::clamp<int64_t>((int64_t(1) << 20) / (2 * period + 1), 1, 256);
     blocks_per_chunk = std::max<int64_t>(
-        {1, 16 * kBlockValues / (periods_per_block * period), divup(blocks, 256)});
+        {1, 16 * kBlockValues / (periods_per_block * period), divup(blocks, max_chunks)});
     chunks = divup(blocks, blocks_per_chunk);
   }
 
@@ -515,10 +523,7 @@ struct ChannelsLastPlan {
   }
 };
 
-// Per-lane sums of `n` periods starting at x: a column of lanes at a time, two sweeps down
-// the column while it is in cache, as block_moments does for a run.  The sweep-1 mean and
-// the sums of d = x - mean and d^2 are returned raw; merge_block_lanes corrects them in
-// double (rounding the corrected mean to float would bias the merged variance).
+// The sums lane_sums returns for a block, per lane.
 template <typename A>
 struct LaneSums {
   std::vector<A> mean, dev, sq;
@@ -540,8 +545,12 @@ void for_each_column_group(int64_t period, F f) {
   }
 }
 
-// Returns false if the block holds Inf or NaN or its float sums overflowed (see
-// block_moments): then lane_sums_exact must do it again.
+// Per-lane sums of a block of `n` periods starting at x, in two sweeps while the block is
+// in cache, as block_moments does for a run.  The sweep-1 mean and the sums of
+// d = x - mean and d^2 are returned raw; merge_block_lanes corrects them in double
+// (rounding the corrected mean to float would bias the merged variance).  Returns false if
+// the block holds Inf or NaN or its float sums overflowed (see block_moments): then
+// lane_sums_exact must do it again.
 template <typename T>
 bool lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out) {
   using acc_t = opmath_t<T>;
@@ -805,17 +814,17 @@ void channels_last_map(const ChannelsLastPlan& plan,
   // measured twice as slow.  So coefficients stay in registers over many rows only when
   // one group of columns is the whole period (C up to 4 vectors of lanes, or C = 3).
   if (P <= 4 * L) {
-    const int64_t rows_per_task = std::clamp<int64_t>(kBlockValues / P, 1, 64);
-    const int64_t grain = std::max<int64_t>(1, kGrain / (rows_per_task * P));
-    at::parallel_for(0, divup(plan.periods, rows_per_task), grain, [&](int64_t begin, int64_t end) {
+    const int64_t periods_per_task = std::clamp<int64_t>(kBlockValues / P, 1, 64);
+    const int64_t grain = std::max<int64_t>(1, kGrain / (periods_per_task * P));
+    at::parallel_for(0, divup(plan.periods, periods_per_task), grain, [&](int64_t begin, int64_t end) {
       for_each_column_group<T>(P, [&](auto group, int64_t k) {
         constexpr int G = decltype(group)::value;
         std::array<Vec, NP> c[G];
         for (int g = 0; g < G; ++g) {
           for (int q = 0; q < NP; ++q) c[g][q] = Vec::loadu(patterns[q] + k + g * L);
         }
-        const int64_t last = std::min(plan.periods, end * rows_per_task);
-        for (int64_t row = begin * rows_per_task; row < last; ++row) {
+        const int64_t last = std::min(plan.periods, end * periods_per_task);
+        for (int64_t row = begin * periods_per_task; row < last; ++row) {
           for (int g = 0; g < G; ++g) {
             const int64_t i = row * P + k + g * L;
             put_vec<kStream>(out + i, f(c[g], load_vec(in + i)...));
@@ -902,6 +911,7 @@ void forward_typed(const ForwardArgs& args) {
   // Statistics of a larger batch given (SyncBatchNorm): used as if computed here.
   const bool given = args.training && args.batch_mean != nullptr;
   if (given) {
+    // Moments of count 1 with M2 = var: finish takes var = M2 / count.
     for (int64_t c = 0; c < C; ++c) finish(c, {1, args.batch_mean[c], args.batch_var[c]});
   }
   auto centered = [](auto v, auto m, auto s, auto t) { return (v - m) * s + t; };

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cstdlib>
 
 namespace batchnorm_ext::cpu {
 namespace {
@@ -37,7 +38,11 @@ const Choice* find(const std::string& name) {
 const Choice* best_choice() {
   std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
 #ifdef BATCHNORM_EXT_X86
-  if (aten == "AVX512" && __builtin_cpu_supports("avx512bf16")) aten = "AVX512_BF16";
+  // Not when ATEN_CPU_CAPABILITY chose: then it is ATen's choice exactly.
+  if (aten == "AVX512" && std::getenv("ATEN_CPU_CAPABILITY") == nullptr &&
+      __builtin_cpu_supports("avx512bf16")) {
+    aten = "AVX512_BF16";
+  }
 #endif
   bool reached = false;
   for (const Choice& choice : kChoices) {
@@ -68,6 +73,7 @@ void set_cpu_capability(const std::string& name) {
   const Choice* choice = find(name);
   TORCH_CHECK_VALUE(choice != nullptr, "batchnorm_ext: no kernels built for CPU capability '",
                     name, "'");
+  // kChoices is ordered best first, so "at or below the best" is "at or after it".
   TORCH_CHECK_VALUE(choice >= best_choice(), "batchnorm_ext: this CPU does not support ", name,
                     " (best: ", best_choice()->name, ")");
   active.store(choice, std::memory_order_release);

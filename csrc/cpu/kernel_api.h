@@ -61,7 +61,7 @@ struct BackwardArgs {
   const void* weight;  // may be null
   double eps;
   bool training;
-  const void* save_mean;  // training: the batch statistics from the forward (stat_type)
+  const void* save_mean;  // training: the batch statistics from the forward (float64)
   const void* save_var;
   const void* running_mean;  // eval: the running statistics (param_type)
   const void* running_var;
