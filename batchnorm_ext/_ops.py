@@ -82,10 +82,39 @@ def check_inputs(input, weight, bias, running_mean, running_var, training):
     return result
 
 
+def _dense(t):
+    return (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+            or t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _format_of_dense(t):
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.channels_last
+
+
+def output_format(input, *params):
+    """The output's memory format (csrc/batch_norm_cpu.cpp, output_format: native's rule)."""
+    if _dense(input) and all(p is None or p.is_contiguous() for p in params):
+        return _format_of_dense(input)
+    return suggest_memory_format(input)
+
+
+def grad_format(input, grad_output):
+    """grad_input's memory format (csrc/batch_norm_cpu.cpp, grad_format)."""
+    if _dense(input) and _dense(grad_output) and \
+            suggest_memory_format(input) == suggest_memory_format(grad_output):
+        return _format_of_dense(input)
+    return suggest_memory_format(input)
+
+
 @torch.library.register_fake("batchnorm_ext::batch_norm_forward")
 def _forward_fake(input, weight, bias, running_mean, running_var, training, eps):
     check_inputs(input, weight, bias, running_mean, running_var, training)
-    output = torch.empty_like(input, memory_format=suggest_memory_format(input))
+    output = torch.empty_like(input, memory_format=output_format(input, weight, bias, running_mean,
+                                                                 running_var))
     stat_size = input.shape[1] if training else 0
     save_mean = input.new_empty((stat_size,), dtype=torch.float64)
     save_var = input.new_empty((stat_size,), dtype=torch.float64)
@@ -99,7 +128,7 @@ def _backward_fake(grad_output, input, weight, running_mean, running_var, save_m
     channels = input.shape[1]
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
-        grad_input = torch.empty_like(input, memory_format=suggest_memory_format(input))
+        grad_input = torch.empty_like(input, memory_format=grad_format(input, grad_output))
     if output_mask[1]:
         grad_weight = input.new_empty((channels,), dtype=param_dtype)
     if output_mask[2]:
@@ -133,7 +162,7 @@ def _stats_fake(input):
 def _apply_fake(input, weight, bias, mean, var, eps):
     check_inputs(input, weight, bias, None, None, True)
     _check_batch_statistics(input, mean, var)
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    return torch.empty_like(input, memory_format=output_format(input, weight, bias))
 
 
 @torch.library.register_fake("batchnorm_ext::batch_norm_backward_reduce")
@@ -147,4 +176,4 @@ def _backward_reduce_fake(grad_output, input, mean, var, eps):
 def _backward_apply_fake(grad_output, input, weight, mean, var, sums, count, eps):
     check_inputs(input, weight, None, None, None, True)
     _check_batch_statistics(input, mean, var)
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    return torch.empty_like(input, memory_format=grad_format(input, grad_output))

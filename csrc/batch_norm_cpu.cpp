@@ -95,6 +95,37 @@ c10::ScalarType check_inputs(const Tensor& input, const optional<Tensor>& weight
 
 namespace {
 
+// The memory format of the output, by native's rule (batch_norm_cpu in ATen's
+// Normalization.cpp): an input dense in some format, with contiguous parameters, keeps that
+// format, and strides that are more than one format at once (size-1 dimensions) count as
+// contiguous first, then channels-last-3d, then channels-last; anything else gets
+// suggest_memory_format().  The kernels then read the input in that format.
+bool dense(const Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+at::MemoryFormat format_of_dense(const Tensor& t) {
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? at::MemoryFormat::ChannelsLast3d
+                                                           : at::MemoryFormat::ChannelsLast;
+}
+
+at::MemoryFormat output_format(const Tensor& input,
+                               std::initializer_list<const optional<Tensor>*> params) {
+  bool all_dense = dense(input);
+  for (const optional<Tensor>* p : params) all_dense = all_dense && (!given(*p) || (*p)->is_contiguous());
+  return all_dense ? format_of_dense(input) : input.suggest_memory_format();
+}
+
+// The same for grad_input (batch_norm_backward_cpu_template): the input's format when input
+// and grad_output are both dense and suggest the same one.
+at::MemoryFormat grad_format(const Tensor& input, const Tensor& grad_output) {
+  const bool both_dense = dense(input) && dense(grad_output) &&
+                          input.suggest_memory_format() == grad_output.suggest_memory_format();
+  return both_dense ? format_of_dense(input) : input.suggest_memory_format();
+}
+
 // A parameter as a contiguous tensor for the kernels, or nullptr when absent.
 Tensor contiguous_or_undefined(const optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : Tensor();
@@ -157,19 +188,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   const c10::ScalarType param_type =
       check_inputs(input, weight, bias, running_mean, running_var, training);
 
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = output_format(input, {&weight, &bias, &running_mean, &running_var});
   const Tensor x = input.contiguous(format);
   Tensor output = at::empty_like(x, format);
   const auto stat_options = input.options().dtype(at::kDouble);
   const int64_t channels = input.size(1);
   Tensor save_mean = at::empty({training ? channels : 0}, stat_options);
   Tensor save_var = at::empty({training ? channels : 0}, stat_options);
-  if (x.numel() == 0) {  // nothing to normalize; the statistics of nothing are NaN
-    save_mean.fill_(NAN);
-    save_var.fill_(NAN);
-    return {output, save_mean, save_var};
-  }
-
+  // An empty input goes to the kernels too: they write NaN statistics (of nothing) and
+  // nothing else.
   const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
   const Tensor rm = training ? Tensor() : contiguous_or_undefined(running_mean);
   const Tensor rv = training ? Tensor() : contiguous_or_undefined(running_var);
@@ -212,19 +239,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
                 "returned by batch_norm_forward in training");
   }
 
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format);
   const Tensor dy = grad_output.contiguous(format);
   const auto param_options = input.options().dtype(param_type);
   Tensor grad_input = output_mask[0] ? at::empty_like(x, format) : Tensor();
   Tensor grad_weight = output_mask[1] ? at::empty({channels}, param_options) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({channels}, param_options) : Tensor();
-  if (x.numel() == 0) {  // every sum is over nothing
-    if (grad_weight.defined()) grad_weight.zero_();
-    if (grad_bias.defined()) grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias};
-  }
-
+  // An empty input goes to the kernels too: every sum over nothing is 0.
   const Tensor w = contiguous_or_undefined(weight);
   const Tensor mean = training ? save_mean.contiguous() : contiguous_or_undefined(running_mean);
   const Tensor var = training ? save_var.contiguous() : contiguous_or_undefined(running_var);
@@ -291,10 +313,12 @@ void check_batch_statistics(const Tensor& input, const Tensor& mean, const Tenso
 // The mean and biased variance of every channel (float64); zeros for an empty input.
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   check_inputs(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true);
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = output_format(input, {});
   const Tensor x = input.contiguous(format);
   const auto options = input.options().dtype(at::kDouble);
   Tensor mean = at::zeros({input.size(1)}, options), var = at::zeros({input.size(1)}, options);
+  // An empty batch (a process with no values in SyncBatchNorm): zeros, which merge as
+  // nothing (its count is 0), where the kernels would give NaN.
   if (x.numel() == 0) return {mean, var};
   cpu::ForwardArgs args = forward_args(x, format, input.scalar_type(), /*output=*/nullptr,
                                        Tensor(), Tensor(), 0.0, /*training=*/true);
@@ -311,7 +335,7 @@ Tensor batch_norm_apply_cpu(const Tensor& input, const optional<Tensor>& weight,
   const c10::ScalarType param_type =
       check_inputs(input, weight, bias, std::nullopt, std::nullopt, true);
   check_batch_statistics(input, mean, var);
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = output_format(input, {&weight, &bias});
   const Tensor x = input.contiguous(format);
   Tensor output = at::empty_like(x, format);
   if (x.numel() == 0) return output;
@@ -333,7 +357,7 @@ Tensor batch_norm_backward_reduce_cpu(const Tensor& grad_output, const Tensor& i
               "batch_norm_backward_reduce: grad_output must match input in size and dtype");
   Tensor sums = at::zeros({2, input.size(1)}, input.options().dtype(at::kDouble));
   if (input.numel() == 0) return sums;
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
   const Tensor m = mean.contiguous(), v = var.contiguous();
   cpu::BackwardArgs args =
@@ -355,7 +379,9 @@ Tensor batch_norm_backward_apply_cpu(const Tensor& grad_output, const Tensor& in
               "batch_norm_backward_apply: grad_output must match input in size and dtype");
   TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 2 * input.size(1),
               "batch_norm_backward_apply: sums must be a (2, C) float64 tensor");
-  const at::MemoryFormat format = input.suggest_memory_format();
+  TORCH_CHECK(count > 0 || input.numel() == 0,
+              "batch_norm_backward_apply: count must be positive, got ", count);
+  const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
   Tensor grad_input = at::empty_like(x, format);
   if (x.numel() == 0) return grad_input;

@@ -872,6 +872,15 @@ void forward_typed(const ForwardArgs& args) {
   using acc_t = opmath_t<T>;
   const Geometry& g = args.geometry;
   const int64_t C = g.channels;
+  if (g.count() == 0 || C == 0) {  // nothing to normalize (and nothing to divide by below)
+    if (args.training && args.batch_mean == nullptr && args.save_mean != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {  // the statistics of no values
+        static_cast<double*>(args.save_mean)[c] = std::numeric_limits<double>::quiet_NaN();
+        static_cast<double*>(args.save_var)[c] = std::numeric_limits<double>::quiet_NaN();
+      }
+    }
+    return;
+  }
   const T* x = static_cast<const T*>(args.input);
   T* y = static_cast<T*>(args.output);
   const P* weight = static_cast<const P*>(args.weight);
@@ -976,6 +985,14 @@ void backward_typed(const BackwardArgs& args) {
   const P* weight = static_cast<const P*>(args.weight);
   P* grad_weight = static_cast<P*>(args.grad_weight);
   P* grad_bias = static_cast<P*>(args.grad_bias);
+  if (g.count() == 0 || C == 0) {  // every sum is over no values; no grad_input to write
+    for (int64_t c = 0; c < C; ++c) {
+      if (grad_weight) grad_weight[c] = P(0);
+      if (grad_bias) grad_bias[c] = P(0);
+      if (args.grad_sums) args.grad_sums[c] = args.grad_sums[C + c] = 0.0;
+    }
+    return;
+  }
 
   // The statistics the forward normalized with.  The batch mean (double) is split into
   // mean (rounded to acc_t, subtracted from x exactly) and mean_low, the rest.

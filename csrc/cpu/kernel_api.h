@@ -86,6 +86,8 @@ extern const KernelTable kernels_DEFAULT;
 #ifdef BATCHNORM_EXT_X86
 extern const KernelTable kernels_AVX2;
 extern const KernelTable kernels_AVX512;
+#endif
+#ifdef BATCHNORM_EXT_AVX512_BF16  // only where the compiler has -mavx512bf16 (setup.py)
 extern const KernelTable kernels_AVX512_BF16;
 #endif
 
