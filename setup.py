@@ -1,6 +1,6 @@
 """Builds batchnorm_ext._C: the custom operators and their CPU kernels.
 
-The kernel source (csrc/cpu/batch_norm_kernel.h) is compiled once per instruction set
+The kernels (csrc/cpu/batch_norm_kernel.h and the headers it includes) are compiled once per instruction set
 (csrc/cpu/kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp, kernel_avx512bf16.cpp),
 each with its own -m flags; csrc/cpu/dispatch.cpp picks one at run time.  So the default build
 runs on any x86-64 CPU and still uses AVX-512 where there is one.
