@@ -1,6 +1,18 @@
 """Shared by the tests: input layouts, tolerances, and running a step natively and ours."""
 import torch
 
+import batchnorm_ext
+
+# The kernel builds of batchnorm_ext, best first (csrc/cpu/dispatch.cpp, kChoices).
+ALL_BUILDS = ["AVX512_BF16", "AVX512", "AVX2", "DEFAULT"]
+# The build chosen at start-up, before any test switches builds.
+BEST_BUILD = batchnorm_ext.cpu_capability()
+
+
+def available_capabilities():
+    """The kernel builds this CPU can run, best first."""
+    return ALL_BUILDS[ALL_BUILDS.index(BEST_BUILD):]
+
 # How close ours must be to native, per dtype.  Both round to the dtype at the end, so
 # they may differ by about one unit in the last place of the output dtype: ~1e-7 relative
 # for float32, 2**-8 for bfloat16, 2**-11 for float16 (the tolerances below are a few ulp).
