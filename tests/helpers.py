@@ -55,4 +55,17 @@ def assert_close(ours, native, dtype=None, scale=1.0, **kwargs):
 
 
 def leaf(t, requires_grad=True):
+    """A leaf copy of t.  clone() keeps the strides of a dense tensor only: a copy of a
+    "sliced" input is contiguous.  Use strided_leaf to keep them."""
     return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
+def strided_leaf(t):
+    """(leaf, view): a leaf that requires grad, holding a copy of all of t's storage, and
+    the view of it with t's shape, strides and offset, to pass on; view.grad (retained)
+    is the gradient with respect to the view."""
+    storage = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    base = storage.detach().clone().requires_grad_()
+    view = base.as_strided(t.shape, t.stride(), t.storage_offset())
+    view.retain_grad()
+    return base, view
