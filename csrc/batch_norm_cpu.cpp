@@ -181,15 +181,39 @@ cpu::BackwardArgs backward_args(const Tensor& dy, const Tensor& x, at::MemoryFor
   return args;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
+// The activation of a fused batch norm, by name (the schemas take a string).
+cpu::Activation activation_named(c10::string_view name) {
+  if (name == "identity") return cpu::Activation::Identity;
+  if (name == "relu") return cpu::Activation::ReLU;
+  if (name == "silu") return cpu::Activation::SiLU;
+  TORCH_CHECK_VALUE(false, "batch_norm: activation must be 'identity', 'relu' or 'silu', got '",
+                    std::string(name), "'");
+}
+
+// A residual (or a saved output) goes with the input: same sizes, dtype and device, read
+// in the input's layout.
+void check_like_input(const Tensor& input, const Tensor& t, const char* what) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "batch_norm: ", what, " of size ", t.sizes(),
+              " does not match input of size ", input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "batch_norm: ", what, " has dtype ",
+              t.scalar_type(), " but input has ", input.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "batch_norm: ", what, " is on ", t.device(),
+              " but input is on ", input.device());
+}
+
+// The training or eval forward, with an optional fused epilogue: output =
+// activation(batch_norm(input) + residual).
+std::tuple<Tensor, Tensor, Tensor> forward_with_epilogue(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-    double eps) {
+    double eps, const optional<Tensor>& residual, cpu::Activation activation) {
   const c10::ScalarType param_type =
       check_inputs(input, weight, bias, running_mean, running_var, training);
+  if (given(residual)) check_like_input(input, *residual, "residual");
 
   const at::MemoryFormat format = output_format(input, {&weight, &bias, &running_mean, &running_var});
   const Tensor x = input.contiguous(format);
+  const Tensor r = given(residual) ? residual->contiguous(format) : Tensor();
   Tensor output = at::empty_like(x, format);
   const auto stat_options = input.options().dtype(at::kDouble);
   const int64_t channels = input.size(1);
@@ -205,15 +229,35 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   args.save_var = training ? save_var.mutable_data_ptr() : nullptr;
   args.running_mean = data_or_null(rm);
   args.running_var = data_or_null(rv);
+  args.residual = data_or_null(r);
+  args.activation = activation;
   cpu::active_kernels().forward(args);
   return {output, save_mean, save_var};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
-    std::array<bool, 3> output_mask, optional<c10::ScalarType> param_dtype) {
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+    double eps) {
+  return forward_with_epilogue(input, weight, bias, running_mean, running_var, training, eps,
+                               std::nullopt, cpu::Activation::Identity);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+    double eps, const optional<Tensor>& residual, c10::string_view activation) {
+  const cpu::Activation act = activation_named(activation);
+  return forward_with_epilogue(input, weight, bias, running_mean, running_var, training, eps,
+                               residual, act);
+}
+
+// The parameter dtype of the forward, which the backward cannot always tell: when only a
+// bias was given (not an argument of the backward), param_dtype says it.
+c10::ScalarType backward_param_type(const Tensor& input, const optional<Tensor>& weight,
+                                    const optional<Tensor>& running_mean,
+                                    const optional<Tensor>& running_var, bool training,
+                                    optional<c10::ScalarType> param_dtype) {
   c10::ScalarType param_type =
       check_inputs(input, weight, std::nullopt, running_mean, running_var, training);
   if (param_dtype.has_value() && *param_dtype != param_type) {
@@ -225,6 +269,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
                 param_type, ")");
     param_type = *param_dtype;
   }
+  return param_type;
+}
+
+// The backward, with an optional fused epilogue (see forward_with_epilogue): output is
+// the forward's output (ReLU's mask), residual the forward's residual (SiLU recomputes
+// its input from it), has_residual whether the forward had one (then grad_residual is
+// computed, and returned when output_mask[3] asks for it).
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_with_epilogue(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const Tensor& save_mean, const Tensor& save_var,
+    bool training, double eps, std::array<bool, 4> output_mask,
+    optional<c10::ScalarType> param_dtype, cpu::Activation activation,
+    const optional<Tensor>& output, const optional<Tensor>& residual, bool has_residual) {
+  const c10::ScalarType param_type =
+      backward_param_type(input, weight, running_mean, running_var, training, param_dtype);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output of size ",
               grad_output.sizes(), " does not match input of size ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
@@ -238,24 +298,70 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
                 "batch_norm_backward: save_mean and save_var must be the batch statistics "
                 "returned by batch_norm_forward in training");
   }
+  const bool reads_output = activation == cpu::Activation::ReLU;
+  const bool needs_z = activation == cpu::Activation::SiLU;
+  TORCH_CHECK(!reads_output || given(output),
+              "batch_norm_act_backward: the relu backward needs the forward's output");
+  TORCH_CHECK(!(needs_z && has_residual) || given(residual),
+              "batch_norm_act_backward: the silu backward needs the forward's residual");
+  if (given(output)) check_like_input(input, *output, "output");
+  if (given(residual)) check_like_input(input, *residual, "residual");
+  if (needs_z) check_parameter(input, bias, "bias");
 
   const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format);
   const Tensor dy = grad_output.contiguous(format);
+  const Tensor y = reads_output ? output->contiguous(format) : Tensor();
+  const Tensor r = needs_z && has_residual ? residual->contiguous(format) : Tensor();
   const auto param_options = input.options().dtype(param_type);
   Tensor grad_input = output_mask[0] ? at::empty_like(x, format) : Tensor();
   Tensor grad_weight = output_mask[1] ? at::empty({channels}, param_options) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({channels}, param_options) : Tensor();
+  // With a residual the kernels always write its gradient (dz, which grad_input is then
+  // computed from), wanted or not.
+  Tensor grad_residual = has_residual ? at::empty_like(x, format) : Tensor();
   // An empty input goes to the kernels too: every sum over nothing is 0.
+
   const Tensor w = contiguous_or_undefined(weight);
+  const Tensor b = needs_z ? contiguous_or_undefined(bias) : Tensor();
   const Tensor mean = training ? save_mean.contiguous() : contiguous_or_undefined(running_mean);
   const Tensor var = training ? save_var.contiguous() : contiguous_or_undefined(running_var);
   cpu::BackwardArgs args = backward_args(dy, x, format, param_type, w, mean, var, eps, training);
   args.grad_input = grad_input.defined() ? grad_input.mutable_data_ptr() : nullptr;
   args.grad_weight = grad_weight.defined() ? grad_weight.mutable_data_ptr() : nullptr;
   args.grad_bias = grad_bias.defined() ? grad_bias.mutable_data_ptr() : nullptr;
+  args.activation = activation;
+  args.output = data_or_null(y);
+  args.bias = data_or_null(b);
+  args.residual = data_or_null(r);
+  args.grad_residual = grad_residual.defined() ? grad_residual.mutable_data_ptr() : nullptr;
   cpu::active_kernels().backward(args);
+  return {grad_input, grad_weight, grad_bias, output_mask[3] ? grad_residual : Tensor()};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    std::array<bool, 3> output_mask, optional<c10::ScalarType> param_dtype) {
+  auto [grad_input, grad_weight, grad_bias, _] = backward_with_epilogue(
+      grad_output, input, weight, std::nullopt, running_mean, running_var, save_mean, save_var,
+      training, eps, {output_mask[0], output_mask[1], output_mask[2], false}, param_dtype,
+      cpu::Activation::Identity, std::nullopt, std::nullopt, false);
   return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_output, const optional<Tensor>& output, const Tensor& input,
+    const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    const optional<Tensor>& residual, bool has_residual, c10::string_view activation,
+    std::array<bool, 4> output_mask, optional<c10::ScalarType> param_dtype) {
+  const cpu::Activation act = activation_named(activation);
+  return backward_with_epilogue(grad_output, input, weight, bias, running_mean, running_var,
+                                save_mean, save_var, training, eps, output_mask, param_dtype, act,
+                                output, residual, has_residual);
 }
 
 // running = f * batch + (1 - f) * running, with the unbiased variance, computed in the
@@ -405,6 +511,8 @@ TORCH_LIBRARY_IMPL(batchnorm_ext, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("update_running_stats_", &update_running_stats_cpu);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
 }
 
 }  // namespace batchnorm_ext

@@ -8,16 +8,21 @@
 
 #include "channels_first.h"
 #include "channels_last.h"
+#include "epilogues.h"
 
 #include <ATen/Dispatch.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace batchnorm_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
+// The forward: statistics (training), per-channel coefficients, then the output, through
+// the epilogue (epilogues.h): y = activation(z [+ residual]) with z the normalized value.
 template <typename T, typename P>
 void forward_typed(const ForwardArgs& args) {
   using acc_t = opmath_t<T>;
@@ -33,13 +38,14 @@ void forward_typed(const ForwardArgs& args) {
     return;
   }
   const T* x = static_cast<const T*>(args.input);
+  const T* residual = static_cast<const T*>(args.residual);
   T* y = static_cast<T*>(args.output);
   const P* weight = static_cast<const P*>(args.weight);
   const P* bias = static_cast<const P*>(args.bias);
 
-  // Training: y = (x - mean) * scale + shift, with scale = weight / sqrt(var + eps) and
+  // Training: z = (x - mean) * scale + shift, with scale = weight / sqrt(var + eps) and
   // shift = bias: subtracting the mean first keeps the rounding small when it is large.
-  // Eval: y = x * scale + (shift - mean * scale), one multiply-add, as native computes it.
+  // Eval: z = x * scale + (shift - mean * scale), one multiply-add, as native computes it.
   std::vector<acc_t> mean(C), scale(C), shift(C);
   auto set_coefficients = [&](int64_t c, acc_t channel_mean, acc_t invstd) {
     mean[c] = channel_mean;
@@ -56,7 +62,7 @@ void forward_typed(const ForwardArgs& args) {
     const double invstd = (var == 0 && args.eps == 0) ? 0.0 : 1.0 / std::sqrt(var + args.eps);
     set_coefficients(c, acc_t(m.mean), acc_t(invstd));
     // x - mean[c] is exact for x near the mean; what rounding the mean to acc_t lost goes
-    // into the shift: y = (x - mean_hi) * scale + (shift - (mean - mean_hi) * scale).
+    // into the shift: z = (x - mean_hi) * scale + (shift - (mean - mean_hi) * scale).
     shift[c] = acc_t(double(shift[c]) - (m.mean - double(mean[c])) * double(scale[c]));
   };
   if (!args.training) {
@@ -74,26 +80,45 @@ void forward_typed(const ForwardArgs& args) {
     // Moments of count 1 with M2 = var: finish takes var = M2 / count.
     for (int64_t c = 0; c < C; ++c) finish(c, {1, args.batch_mean[c], args.batch_var[c]});
   }
-  auto centered = [](auto v, auto m, auto s, auto t) { return (v - m) * s + t; };
   const bool stream = streams(y, g);
+  // z for a vector or a single value, in training and in eval.
+  auto centered = [](auto v, auto m, auto s, auto t) { return (v - m) * s + t; };
   auto affine = [](auto v, auto s, auto t) { return multiply_add(v, s, t); };
+  // Calls f(epilogue) with epilogue(z, r...) = activation(z + residual) (r: an empty pack
+  // without a residual), and write(f) calls f on the input and the residual.
+  auto with_output_epilogue = [&](auto f) {
+    return with_epilogue(args.activation, residual != nullptr, [&](auto e) {
+      using E = decltype(e);
+      return f(e, [](auto z, auto... r) { return E::act::forward((z + ... + r)); });
+    });
+  };
 
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
     auto normalize = [&](int64_t c, const Block& block) {
       const acc_t m = mean[c], s = scale[c], t = shift[c];
-      block.for_each_run([&](int64_t offset, int64_t len) {
-        if (args.training) {
-          map_run(stream, y + offset, len, [=](auto v) {
-            using V = decltype(v);
-            return centered(v, V(m), V(s), V(t));
-          }, x + offset);
-        } else {
-          map_run(stream, y + offset, len, [=](auto v) {
-            using V = decltype(v);
-            return affine(v, V(s), V(t));
-          }, x + offset);
-        }
+      with_output_epilogue([&](auto e, auto epilogue) {
+        using E = decltype(e);
+        block.for_each_run([&](int64_t offset, int64_t len) {
+          auto write = [&](auto f) {
+            if constexpr (E::kResidual) {
+              map_run(stream, y + offset, len, f, x + offset, residual + offset);
+            } else {
+              map_run(stream, y + offset, len, f, x + offset);
+            }
+          };
+          if (args.training) {
+            write([=](auto v, auto... r) {
+              using V = decltype(v);
+              return epilogue(centered(v, V(m), V(s), V(t)), r...);
+            });
+          } else {
+            write([=](auto v, auto... r) {
+              using V = decltype(v);
+              return epilogue(affine(v, V(s), V(t)), r...);
+            });
+          }
+        });
       });
     };
     auto moments = [&](int64_t, const Block& b) { return block_moments(x, b); };
@@ -116,24 +141,45 @@ void forward_typed(const ForwardArgs& args) {
   const auto mean_p = lane_pattern(mean, plan.period);
   const auto scale_p = lane_pattern(scale, plan.period);
   const auto shift_p = lane_pattern(shift, plan.period);
-  if (args.training) {
-    channels_last_map<3>(plan, stream, {mean_p.data(), scale_p.data(), shift_p.data()}, y,
-                         [&](const auto& c, auto v) { return centered(v, c[0], c[1], c[2]); }, x);
-  } else {
-    channels_last_map<2>(plan, stream, {scale_p.data(), shift_p.data()}, y,
-                         [&](const auto& c, auto v) { return affine(v, c[0], c[1]); }, x);
-  }
+  using Patterns = const acc_t*;
+  with_output_epilogue([&](auto e, auto epilogue) {
+    using E = decltype(e);
+    auto write = [&](auto patterns, auto f) {
+      constexpr int NP = std::tuple_size_v<decltype(patterns)>;
+      if constexpr (E::kResidual) {
+        channels_last_map<NP>(plan, stream, patterns, y, f, x, residual);
+      } else {
+        channels_last_map<NP>(plan, stream, patterns, y, f, x);
+      }
+    };
+    if (args.training) {
+      write(std::array<Patterns, 3>{mean_p.data(), scale_p.data(), shift_p.data()},
+            [&](const auto& c, auto v, auto... r) { return epilogue(centered(v, c[0], c[1], c[2]), r...); });
+    } else {
+      write(std::array<Patterns, 2>{scale_p.data(), shift_p.data()},
+            [&](const auto& c, auto v, auto... r) { return epilogue(affine(v, c[0], c[1]), r...); });
+    }
+  });
 }
 
+// The backward: the sums over the batch (sum(dz) and sum(dz * (x - mean)), dz the
+// gradient at the normalized value), parameter gradients, then grad_input.  With an
+// epilogue, dz comes from its backward (epilogues.h); with a residual, dz is also the
+// residual's gradient: the sums pass writes it, and grad_input is computed from it.
 template <typename T, typename P>
 void backward_typed(const BackwardArgs& args) {
   using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
   const Geometry& g = args.geometry;
   const int64_t C = g.channels;
   const T* x = static_cast<const T*>(args.input);
   const T* dy = static_cast<const T*>(args.grad_output);
+  const T* y = static_cast<const T*>(args.output);
+  const T* residual = static_cast<const T*>(args.residual);
+  T* grad_residual = static_cast<T*>(args.grad_residual);
   T* dx = static_cast<T*>(args.grad_input);
   const P* weight = static_cast<const P*>(args.weight);
+  const P* bias = static_cast<const P*>(args.bias);
   P* grad_weight = static_cast<P*>(args.grad_weight);
   P* grad_bias = static_cast<P*>(args.grad_bias);
   if (g.count() == 0 || C == 0) {  // every sum is over no values; no grad_input to write
@@ -163,14 +209,22 @@ void backward_typed(const BackwardArgs& args) {
     }
   }
 
-  // dx = k_dy * dy + k_x * (x - mean) + k_c.  In training the batch statistics depend on
-  // x, which gives k_x and k_c; in eval they are constants and dx = k_dy * dy.
+  // dx = k_dy * dz + k_x * (x - mean) + k_c.  In training the batch statistics depend on
+  // x, which gives k_x and k_c; in eval they are constants and dx = k_dy * dz.
   std::vector<acc_t> k_dy(C), k_x(C, acc_t(0)), k_c(C, acc_t(0));
   for (int64_t c = 0; c < C; ++c) k_dy[c] = (weight ? acc_t(weight[c]) : acc_t(1)) * invstd[c];
+  // SiLU's z, recomputed as the forward computed it: z = (x - mean) * k_dy + z_shift in
+  // training, z = x * k_dy + z_shift in eval.
+  const bool needs_z = args.activation == Activation::SiLU;
+  std::vector<acc_t> z_shift(C, acc_t(0));
+  for (int64_t c = 0; c < C && needs_z; ++c) {
+    const acc_t b = bias ? acc_t(bias[c]) : acc_t(0);
+    z_shift[c] = args.training ? acc_t(double(b) - mean_low[c] * double(k_dy[c])) : b - mean[c] * k_dy[c];
+  }
   // Values per channel: here, or over all processes when the sums are given (SyncBatchNorm).
   const double count = double(args.given_sums ? args.count : g.count());
   auto finish = [&](int64_t c, const GradSums& sums) {
-    // The sums used x - mean[c]; sum(dy * (x - true mean)) differs by mean_low * sum(dy).
+    // The sums used x - mean[c]; sum(dz * (x - true mean)) differs by mean_low * sum(dz).
     // Sums given from outside are already the true ones.
     const double dy_xmu = args.given_sums ? sums.dy_xmu : sums.dy_xmu - mean_low[c] * sums.dy;
     if (grad_weight) grad_weight[c] = P(dy_xmu * invstd[c]);
@@ -189,38 +243,92 @@ void backward_typed(const BackwardArgs& args) {
   if (args.given_sums) {
     for (int64_t c = 0; c < C; ++c) finish(c, {args.given_sums[c], args.given_sums[C + c]});
   }
-  const bool need_sums =
-      !args.given_sums && (grad_weight || grad_bias || args.grad_sums || (dx && args.training));
+  // With a residual the sums pass writes dz (its gradient), so it runs even in eval.
+  const bool need_sums = !args.given_sums && (grad_weight || grad_bias || args.grad_sums ||
+                                              (dx && args.training) || grad_residual);
   const bool stream = dx && streams(dx, g);
+  const bool training = args.training;
 
-  // The two forms of dx, for a vector or a single value.
+  // dz from the vectors (or values) at one place: grad (dy), and out (y, for ReLU) or z
+  // (SiLU), z being computed from v (x), the coefficients m, s, t and the residual r (an
+  // empty pack or one).
+  auto dz_of = [training](auto e, auto grad, auto v, auto out, auto m, auto s, auto t, auto... r) {
+    using Act = typename decltype(e)::act;
+    using V = decltype(grad);
+    if constexpr (Act::kBackwardNeedsZ) {
+      const V z = training ? (v - m) * s + t : multiply_add(v, s, t);
+      return Act::backward(grad, out, (z + ... + r));
+    } else {
+      return Act::backward(grad, out, grad);
+    }
+  };
+  // What an epilogue reads besides dy: y (ReLU's mask) or x and the residual (SiLU's z).
+  // Whatever it does not read is given as dy (never used, and no extra stream).
+  const T* out_or_dy = args.activation == Activation::ReLU ? y : dy;
+  const T* residual_or_dy = residual ? residual : dy;
+  const bool residual_read = needs_z && residual;
+
+  // The two forms of dx from dz, for a vector or a single value.
   auto dx_train = [](auto grad, auto v, auto a, auto b, auto k, auto m) {
     return multiply_add(a, grad, multiply_add(b, v - m, k));
   };
   auto dx_eval = [](auto grad, auto a) { return grad * a; };
+  // Where dx reads dz from: grad_residual once the sums pass wrote it; dy for a plain
+  // batch norm; otherwise dz is computed again from dy (and y or x).
+  const bool plain = args.activation == Activation::Identity && !grad_residual;
+  const T* dz_in_memory = grad_residual ? grad_residual : (plain ? dy : nullptr);
+  auto with_grad_epilogue = [&](auto f) {
+    return with_epilogue(args.activation, grad_residual != nullptr, f);
+  };
 
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
+    auto block_sums = [&](int64_t c, const Block& block) {
+      const acc_t m = mean[c], s = k_dy[c], t = z_shift[c];
+      return with_grad_epilogue([&](auto e) {
+        return block_grad_sums(x, block, m, [&](int64_t i, int64_t n) {
+          Vec dz;
+          if constexpr (decltype(e)::kActivation == Activation::Identity) {
+            dz = load_vec_n(dy + i, n);
+          } else {
+            const Vec v = load_vec_n(x + i, n);
+            const Vec out = load_vec_n(out_or_dy + i, n);
+            dz = residual_read ? dz_of(e, load_vec_n(dy + i, n), v, out, Vec(m), Vec(s), Vec(t),
+                                       load_vec_n(residual_or_dy + i, n))
+                               : dz_of(e, load_vec_n(dy + i, n), v, out, Vec(m), Vec(s), Vec(t));
+          }
+          if (grad_residual) store_vec(grad_residual + i, dz, n);
+          return dz;
+        });
+      });
+    };
     auto apply = [&](int64_t c, const Block& block) {
       if (!dx) return;
+      const acc_t a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c], t = z_shift[c];
       block.for_each_run([&](int64_t offset, int64_t len) {
-        if (args.training) {
-          map_run(stream, dx + offset, len, [=, a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c]](auto grad, auto v) {
+        if (dz_in_memory && training) {
+          map_run(stream, dx + offset, len, [=](auto dz, auto v) {
             using V = decltype(v);
-            return dx_train(grad, v, V(a), V(b), V(k), V(m));
-          }, dy + offset, x + offset);
-        } else {
-          map_run(stream, dx + offset, len, [=, a = k_dy[c]](auto grad) {
-            using V = decltype(grad);
-            return dx_eval(grad, V(a));
-          }, dy + offset);
+            return dx_train(dz, v, V(a), V(b), V(k), V(m));
+          }, dz_in_memory + offset, x + offset);
+        } else if (dz_in_memory) {
+          map_run(stream, dx + offset, len, [=](auto dz) {
+            using V = decltype(dz);
+            return dx_eval(dz, V(a));
+          }, dz_in_memory + offset);
+        } else {  // dz from dy and y (ReLU) or x (SiLU), no residual
+          with_epilogue(args.activation, false, [&](auto e) {
+            map_run(stream, dx + offset, len, [=](auto grad, auto v, auto out) {
+              using V = decltype(grad);
+              const V dz = dz_of(e, grad, v, out, V(m), V(a), V(t));
+              return training ? dx_train(dz, v, V(a), V(b), V(k), V(m)) : dx_eval(dz, V(a));
+            }, dy + offset, x + offset, out_or_dy + offset);
+          });
         }
       });
     };
     if (need_sums) {
-      channels_first_reduce_apply<GradSums>(
-          blocks, [&](int64_t c, const Block& b) { return block_grad_sums(x, dy, b, mean[c]); },
-          finish, apply);
+      channels_first_reduce_apply<GradSums>(blocks, block_sums, finish, apply);
     } else {
       channels_first_apply(blocks, apply);
     }
@@ -229,23 +337,66 @@ void backward_typed(const BackwardArgs& args) {
 
   const ChannelsLastPlan plan(g, kLanes<T>);
   const auto mean_p = lane_pattern(mean, plan.period);
+  const auto k_dy_p = lane_pattern(k_dy, plan.period);
+  const auto z_shift_p = lane_pattern(z_shift, plan.period);
   if (need_sums) {
-    const std::vector<GradSums> sums = channels_last_grad_sums(x, dy, plan, mean_p);
+    const std::vector<GradSums> sums = with_grad_epilogue([&](auto e) {
+      auto grad_at = [&](int64_t i, int64_t k) {
+        Vec dz;
+        if constexpr (decltype(e)::kActivation == Activation::Identity) {
+          dz = load_vec(dy + i);
+        } else {
+          const Vec m = Vec::loadu(mean_p.data() + k), s = Vec::loadu(k_dy_p.data() + k);
+          const Vec t = Vec::loadu(z_shift_p.data() + k);
+          const Vec grad = load_vec(dy + i), v = load_vec(x + i), out = load_vec(out_or_dy + i);
+          dz = residual_read ? dz_of(e, grad, v, out, m, s, t, load_vec(residual_or_dy + i))
+                             : dz_of(e, grad, v, out, m, s, t);
+        }
+        if (grad_residual) store_vec(grad_residual + i, dz);
+        return dz;
+      };
+      auto grad_at_value = [&](int64_t i, int64_t c) {
+        acc_t dz;
+        if constexpr (decltype(e)::kActivation == Activation::Identity) {
+          dz = acc_t(dy[i]);
+        } else {
+          const acc_t grad = acc_t(dy[i]), v = acc_t(x[i]), out = acc_t(out_or_dy[i]);
+          dz = residual_read ? dz_of(e, grad, v, out, mean[c], k_dy[c], z_shift[c], acc_t(residual_or_dy[i]))
+                             : dz_of(e, grad, v, out, mean[c], k_dy[c], z_shift[c]);
+        }
+        if (grad_residual) grad_residual[i] = T(dz);
+        return dz;
+      };
+      return channels_last_grad_sums(x, plan, mean_p, grad_at, grad_at_value);
+    });
     for (int64_t c = 0; c < C; ++c) finish(c, sums[c]);
   }
   if (!dx) return;
-  const auto k_dy_p = lane_pattern(k_dy, plan.period);
-  if (!args.training) {
-    channels_last_map<1>(plan, stream, {k_dy_p.data()}, dx,
-                         [&](const auto& c, auto grad) { return dx_eval(grad, c[0]); }, dy);
-    return;
-  }
+  using Patterns = const acc_t*;
   const auto k_x_p = lane_pattern(k_x, plan.period);
   const auto k_c_p = lane_pattern(k_c, plan.period);
-  channels_last_map<4>(
-      plan, stream, {k_dy_p.data(), k_x_p.data(), k_c_p.data(), mean_p.data()}, dx,
-      [&](const auto& c, auto grad, auto v) { return dx_train(grad, v, c[0], c[1], c[2], c[3]); },
-      dy, x);
+  if (dz_in_memory && !training) {
+    channels_last_map<1>(plan, stream, {k_dy_p.data()}, dx,
+                         [&](const auto& c, auto dz) { return dx_eval(dz, c[0]); }, dz_in_memory);
+  } else if (dz_in_memory) {
+    channels_last_map<4>(
+        plan, stream, {k_dy_p.data(), k_x_p.data(), k_c_p.data(), mean_p.data()}, dx,
+        [&](const auto& c, auto dz, auto v) { return dx_train(dz, v, c[0], c[1], c[2], c[3]); },
+        dz_in_memory, x);
+  } else {  // dz from dy and y (ReLU) or x (SiLU), no residual
+    with_epilogue(args.activation, false, [&](auto e) {
+      channels_last_map<5>(
+          plan, stream,
+          std::array<Patterns, 5>{k_dy_p.data(), k_x_p.data(), k_c_p.data(), mean_p.data(),
+                                  z_shift_p.data()},
+          dx,
+          [&](const auto& c, auto grad, auto v, auto out) {
+            const auto dz = dz_of(e, grad, v, out, c[3], c[0], c[4]);
+            return training ? dx_train(dz, v, c[0], c[1], c[2], c[3]) : dx_eval(dz, c[0]);
+          },
+          dy, x, out_or_dy);
+    });
+  }
 }
 
 // One function per entry point, one instantiation per (input, parameter) dtype pair.

@@ -277,10 +277,14 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
   return channel;
 }
 
-// Per-channel sum(dy) and sum(dy * (x - mean)) of channels-last data.
-template <typename T>
-std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const ChannelsLastPlan& plan,
-                                              const std::vector<opmath_t<T>>& mean_pattern) {
+// Per-channel sum(dz) and sum(dz * (x - mean)) of channels-last data, where dz is the
+// gradient at the batch norm's output: grad_at(i, k) for the vector at index i, whose lanes
+// start at lane k of the period, and grad_at_value(i, c) for the single value i of channel
+// c after the last full period (see block_grad_sums).
+template <typename T, typename GradAt, typename GradAtValue>
+std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan& plan,
+                                              const std::vector<opmath_t<T>>& mean_pattern,
+                                              GradAt grad_at, GradAtValue grad_at_value) {
   using acc_t = opmath_t<T>;
   using Vec = Vectorized<acc_t>;
   const int64_t P = plan.period;
@@ -299,7 +303,7 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const Cha
       for (int64_t r = plan.first_period(b); r < end_row; ++r) {
         for (int64_t k = 0; k < P; k += kLanes<T>) {
           const int64_t i = r * P + k;
-          const Vec grad = load_vec(dy + i);
+          const Vec grad = grad_at(i, k);
           (Vec::loadu(dy_sum.data() + k) + grad).store(dy_sum.data() + k);
           at::vec::fmadd(grad, load_vec(x + i) - Vec::loadu(mean_pattern.data() + k),
                          Vec::loadu(dy_xmu_sum.data() + k))
@@ -320,7 +324,7 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const T* dy, const Cha
   }
   for (int64_t i = plan.tail_begin; i < plan.rows * C; ++i) {
     const int64_t c = i % C;
-    const acc_t g = dy[i];
+    const acc_t g = grad_at_value(i, c);
     merge(channel[c], {double(g), double(g * (acc_t(x[i]) - mean_pattern[c]))});
   }
   return channel;

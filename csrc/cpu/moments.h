@@ -126,18 +126,21 @@ inline void merge(GradSums& a, const GradSums& b) {
   a.dy_xmu += b.dy_xmu;
 }
 
-template <typename T>
-GradSums block_grad_sums(const T* input, const T* grad_output, const Block& block,
-                         opmath_t<T> mean) {
+// sum(dz) and sum(dz * (x - mean)) over a block, where dz = grad_at(i, n) is the gradient
+// at the batch norm's output for the n values at index i (n = lanes but for a last partial
+// vector, whose missing lanes must be 0).  Without an epilogue dz is grad_output; with one
+// it comes from the epilogue's backward (see epilogues.h).
+template <typename T, typename GradAt>
+GradSums block_grad_sums(const T* input, const Block& block, opmath_t<T> mean, GradAt grad_at) {
   using Vec = Vectorized<opmath_t<T>>;
   const Vec mean_vec(mean);
   Vec dy_sum[2] = {Vec(0), Vec(0)};
   Vec dy_xmu_sum[2] = {Vec(0), Vec(0)};
   block.for_each_run([&](int64_t offset, int64_t len) {
-    // Missing lanes of a last partial vector have dy = 0 and add nothing.
-    for_each_vector_pair(input + offset, grad_output + offset, len, [&](int j, Vec x, Vec dy) {
-      dy_sum[j] += dy;
-      dy_xmu_sum[j] = at::vec::fmadd(dy, x - mean_vec, dy_xmu_sum[j]);
+    for_each_vector_index<T>(len, [&](int j, int64_t i, int64_t n) {
+      const Vec dz = grad_at(offset + i, n);
+      dy_sum[j] += dz;
+      dy_xmu_sum[j] = at::vec::fmadd(dz, load_vec_n(input + offset + i, n) - mean_vec, dy_xmu_sum[j]);
     });
   });
   return {sum_lanes(dy_sum[0] + dy_sum[1]), sum_lanes(dy_xmu_sum[0] + dy_xmu_sum[1])};

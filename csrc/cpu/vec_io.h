@@ -166,17 +166,25 @@ inline void for_each_vector(const T* x, int64_t len, opmath_t<T> fill, Step step
   if (i < len) step(1, load_vec(x + i, len - i, fill));
 }
 
-// The same over two runs read side by side (input and grad_output); missing lanes are 0.
+// The n values at p: a whole vector (n = lanes), or the first n with the other lanes 0.
+template <typename T>
+inline Vectorized<opmath_t<T>> load_vec_n(const T* p, int64_t n) {
+  return n == kLanes<T> ? load_vec(p) : load_vec(p, n, opmath_t<T>(0));
+}
+
+// Calls step(j, i, n) for the vectors of the run [0, len): the n values from index i (n is
+// the lane count but for a last partial vector), j = 0, 1 alternating for two independent
+// accumulators.
 template <typename T, typename Step>
-inline void for_each_vector_pair(const T* x, const T* y, int64_t len, Step step) {
+inline void for_each_vector_index(int64_t len, Step step) {
   constexpr int64_t L = kLanes<T>;
   int64_t i = 0;
   for (; i + 2 * L <= len; i += 2 * L) {
-    step(0, load_vec(x + i), load_vec(y + i));
-    step(1, load_vec(x + i + L), load_vec(y + i + L));
+    step(0, i, L);
+    step(1, i + L, L);
   }
-  for (; i + L <= len; i += L) step(0, load_vec(x + i), load_vec(y + i));
-  if (i < len) step(1, load_vec(x + i, len - i, 0), load_vec(y + i, len - i, 0));
+  for (; i + L <= len; i += L) step(0, i, L);
+  if (i < len) step(1, i, len - i);
 }
 
 // out[i] = f(in[i]...) over a run of values; f is a generic lambda that works on a
