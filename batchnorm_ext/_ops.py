@@ -44,24 +44,27 @@ def _given(weight, bias, running_mean, running_var):
     return [(name, p) for name, p in named if p is not None]
 
 
-def check_inputs(input, weight, bias, running_mean, running_var, training):
-    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order.  Returns the
-    parameter dtype."""
-    check_parameters(input, weight, bias, running_mean, running_var, training)
-    return check_types_and_shapes(input, weight, bias, running_mean, running_var)
-
-
-def check_parameters(input, weight, bias, running_mean, running_var, training):
-    """check_inputs, steps 1 and 2: devices and sizes of the parameters; running statistics
-    given in eval, both or neither in training."""
+def _check_size(input, name, p):
     channels = input.shape[1] if input.dim() > 1 else 0
+    torch._check(p.numel() == channels, lambda: (
+        f"{name} should contain {channels} elements not {p.numel()}"))
+
+
+def check_sizes(input, weight, bias, running_mean, running_var):
+    """The sizes of the parameters, which native checks before the rest
+    (aten::_batch_norm_impl_index): under vmap, before its batching rule."""
+    for name, p in _given(weight, bias, running_mean, running_var):
+        _check_size(input, name, p)
+
+
+def check_inputs(input, weight, bias, running_mean, running_var, training):
+    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order."""
     given = _given(weight, bias, running_mean, running_var)
     for name, p in given:
         if p.device != input.device:
             raise RuntimeError(f"Tensor on device {p.device} is not on the expected device "
                                f"{input.device}!")
-        torch._check(p.numel() == channels, lambda: (
-            f"{name} should contain {channels} elements not {p.numel()}"))
+        _check_size(input, name, p)
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
@@ -69,12 +72,6 @@ def check_parameters(input, weight, bias, running_mean, running_var, training):
             raise RuntimeError("running_var must be defined in evaluation mode")
     elif (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-
-
-def check_types_and_shapes(input, weight, bias, running_mean, running_var):
-    """check_inputs, steps 3 and 4: dtypes; running statistics one-dimensional, input
-    (N, C, *).  Returns the parameter dtype."""
-    given = _given(weight, bias, running_mean, running_var)
     if input.dtype not in _FLOATING:
         name = str(input.dtype).replace("torch.", "")
         raise NotImplementedError(f'"batch_norm" not implemented for \'{_NAMES.get(input.dtype, name)}\'')

@@ -16,7 +16,7 @@ folded call.
 import torch
 from torch.library import register_vmap
 
-from ._ops import _check_batch_statistics, check_inputs, check_parameters, check_types_and_shapes, ops
+from ._ops import _check_batch_statistics, check_inputs, check_sizes, ops
 
 # native's messages (BatchRulesNorm.cpp; and vmap's for .item(), which native's modules call
 # on num_batches_tracked when momentum is None)
@@ -75,12 +75,12 @@ def _forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
     size = info.batch_size
     one = (_slice(input, x_dim), _slice(weight, w_dim), _slice(bias, b_dim),
            _slice(running_mean, rm_dim), _slice(running_var, rv_dim))
-    # In native's order: sizes, then the batching of the running statistics, then dtypes.
-    check_parameters(*one, training)
+    # In native's order: sizes, the batching of the running statistics, then the rest.
+    check_sizes(*one)
     if training and x_dim is not None and (
             (running_mean is not None and rm_dim is None) or (running_var is not None and rv_dim is None)):
         raise RuntimeError(RUNNING_STATS_NOT_BATCHED)
-    check_types_and_shapes(*one)
+    check_inputs(*one, training)
     channels = one[0].shape[1]
 
     if x_dim is not None or (not training and (rm_dim is not None or rv_dim is not None)):
@@ -172,7 +172,7 @@ def _check_statistics_slice(input, x_dim, weight, w_dim, bias, b_dim, mean, m_di
 
 @register_vmap("batchnorm_ext::batch_norm_apply")
 def _apply_vmap(info, in_dims, input, weight, bias, mean, var, eps):
-    x_dim, w_dim, b_dim, m_dim, v_dim = in_dims
+    x_dim, w_dim, b_dim, m_dim, v_dim = in_dims[:5]
     size = info.batch_size
     channels = _check_statistics_slice(input, x_dim, weight, w_dim, bias, b_dim, mean, m_dim,
                                        var, v_dim)
@@ -185,7 +185,7 @@ def _apply_vmap(info, in_dims, input, weight, bias, mean, var, eps):
 
 @register_vmap("batchnorm_ext::batch_norm_backward_reduce")
 def _backward_reduce_vmap(info, in_dims, grad_output, input, mean, var, eps):
-    go_dim, x_dim, m_dim, v_dim = in_dims
+    go_dim, x_dim, m_dim, v_dim = in_dims[:4]
     size = info.batch_size
     channels = _check_statistics_slice(input, x_dim, None, None, None, None, mean, m_dim, var,
                                        v_dim)

@@ -71,18 +71,19 @@ bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
 
 // Whether batch_norm_forward must go through the dispatcher to its Python Autograd kernel:
 // a functorch transform is active (vmap and grad layers dispatch from this TLS key; the C++
-// autograd::Function refuses them), or an argument has a forward-mode tangent (the C++
-// Function has no jvp; a tangent of a running statistic is ignored there, as by native).
-bool needs_python_autograd(const Tensor& input,
-                           std::initializer_list<const optional<Tensor>*> others) {
-  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      has_tangent(input)) {
-    return true;
-  }
-  for (const optional<Tensor>* t : others) {
-    if (given(*t) && has_tangent(**t)) return true;
-  }
-  return false;
+// autograd::Function refuses them), or the input, weight or bias has a forward-mode tangent
+// (the C++ Function has no jvp).
+bool needs_python_autograd(const Tensor& input, const optional<Tensor>& weight,
+                           const optional<Tensor>& bias) {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         has_tangent(input) || (given(weight) && has_tangent(*weight)) ||
+         (given(bias) && has_tangent(*bias));
+}
+
+// A running statistic without its tangent, if it has one: native ignores those, and the C++
+// Function, which has no jvp, would refuse it.
+optional<Tensor> without_tangent(const optional<Tensor>& t) {
+  return given(t) && has_tangent(*t) ? optional<Tensor>(t->_fw_primal(/*level=*/0)) : t;
 }
 
 // Running statistics are buffers, never differentiated: as native, refuse ones that require grad.
@@ -252,13 +253,18 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
   // The running statistics go to the forward in training too (it checks them, and does
   // not read or save them there).
   Tensor output, save_mean, save_var;
-  if (needs_python_autograd(input, {&weight, &bias, &running_mean, &running_var})) {
+  if (needs_python_autograd(input, weight, bias)) {
     std::tie(output, save_mean, save_var) =
         forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
   } else {  // the eager fast path: the C++ Function, no dispatcher round trip
     check_not_requiring_grad(running_mean, running_var);
+    const bool stat_tangent = (given(running_mean) && has_tangent(*running_mean)) ||
+                              (given(running_var) && has_tangent(*running_var));
     const variable_list out =
-        BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, eps);
+        stat_tangent ? BatchNormFunction::apply(input, weight, bias, without_tangent(running_mean),
+                                                without_tangent(running_var), training, eps)
+                     : BatchNormFunction::apply(input, weight, bias, running_mean, running_var,
+                                                training, eps);
     output = out[0], save_mean = out[1], save_var = out[2];
   }
   if (training && given(running_mean)) {
