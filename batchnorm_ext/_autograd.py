@@ -11,8 +11,9 @@ while functorch processes a level, cannot do.
 
 The eager fast path does not come here: the composite batch_norm (csrc/autograd.cpp) applies
 a C++ autograd::Function directly when no transform is active and no argument has a tangent,
-about 10 us per call cheaper.  Calls of the operator itself, calls under a transform or with
-dual tensors, and torch.compile's tracing come here.
+which costs about 2 us less per forward call and 10 us less with the backward.  Calls of the
+operator itself, calls under a transform or with dual tensors, and torch.compile's tracing
+come here.
 """
 import contextlib
 
@@ -84,11 +85,15 @@ class _BatchNormFunction(torch.autograd.function._SingleLevelFunction):
             running_mean = running_var = None
         saved = (input, weight, running_mean, running_var, save_mean, save_var)
         ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
+        if _fwad._current_level >= 0:  # only a jvp reads these
+            ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(save_mean, save_var)
+        ctx.set_materialize_grads(False)  # no zero gradients made up for save_mean, save_var
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_var):
+        if grad_output is None:
+            return (None,) * 8
         input, weight, running_mean, running_var, save_mean, save_var = ctx.saved_tensors
         grads = _backward(grad_output, input, weight, running_mean, running_var, save_mean,
                           save_var, ctx.training, ctx.eps, list(ctx.needs_input_grad[:3]),

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import (functional_call, grad, hessian, jacfwd, jacrev, jvp, stack_module_state,
                         vjp, vmap)
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._pytree import tree_leaves
 
 import batchnorm_ext
 from batchnorm_ext._vmap import ITEM_UNDER_VMAP, RUNNING_STATS_NOT_BATCHED
@@ -55,6 +56,8 @@ FIRST_ORDER = {
                                           (0, None, None))(_stack(x), w, b),
     "grad(vmap)": lambda f, x, w, b: grad(lambda *a: _scalar(vmap(f, (0, None, None))(*a)),
                                           (0, 1, 2))(_stack(x), w, b),
+    "jvp(vmap)": lambda f, x, w, b: jvp(vmap(f, (0, None, 0)), (_stack(x), w, _stack(b)),
+                                        (_like(_stack(x), 2), _like(w, 3), _like(_stack(b), 4))),
 }
 
 # (training, running statistics given)
@@ -159,8 +162,9 @@ def _oracle(running, training, eps=1e-5):
 @pytest.mark.parametrize("shape,layout", [((4, 3), "contiguous"), ((3, 2, 2, 2), "channels_last")], ids=str)
 @pytest.mark.parametrize("transform", list(SECOND_ORDER))
 def test_second_order_matches_oracle(transform, shape, layout, mode):
-    """Against the float64 oracle: native's own are wrong in training (its hessian in x and
-    weight is not even symmetric), so native is the reference in eval only."""
+    """Against the float64 oracle.  Native's own, under these transforms, are wrong in
+    training (the (weight, input) block; the (input, input) one too with forward mode) while
+    plain torch.autograd gets them right, so native is the reference in eval only."""
     training = mode == "train"
     x = make_input(shape, D, layout, scale=2, offset=1)
     w, b = torch.rand(shape[1], dtype=D) + 0.5, torch.randn(shape[1], dtype=D)
@@ -535,7 +539,8 @@ def test_forward_operator_under_transforms_matches_native(training):
     def native(x, w, b):
         return F.batch_norm(x, *stats, w, b, training=training)
 
-    for name in ["vmap(all)", "grad", "vjp", "jvp", "jacrev", "jacfwd", "vmap(grad)", "grad(vmap)"]:
+    for name in ["vmap(all)", "grad", "vjp", "jvp", "jacrev", "jacfwd", "vmap(grad)", "grad(vmap)",
+                 "jvp(vmap)"]:
         t = FIRST_ORDER[name]
         _assert_same_outcome(_outcome(lambda: t(ours, x, w, b)), _outcome(lambda: t(native, x, w, b)))
 
@@ -576,3 +581,42 @@ def test_tangent_of_running_stats_ignored_as_by_native():
             y = impl(x, fwAD.make_dual(torch.zeros(3, dtype=D), torch.ones(3, dtype=D)),
                      torch.ones(3, dtype=D), training=False)
             assert fwAD.unpack_dual(y).tangent is None, impl
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("surface", ["operator", "functional"])
+def test_gradcheck_batched(surface, training):
+    """gradcheck and gradgradcheck with their vmap checks: the backward vmapped over
+    grad_outputs (check_batched_grad) and the jvp over tangents (check_batched_forward_grad)."""
+    x, w, b, rm, rv = (t.detach().requires_grad_(i < 3) for i, t in enumerate(_forward_args()))
+    stats = (None, None) if training else (rm, rv)
+    if surface == "operator":
+        def f(x, w, b):
+            return ops.batch_norm_forward(x, w, b, *stats, training, 1e-5)[0]
+    else:
+        def f(x, w, b):
+            return batchnorm_ext.batch_norm(x, *stats, w, b, training=training)
+    assert gradcheck(f, (x, w, b), check_batched_grad=True, check_forward_ad=True,
+                     check_batched_forward_grad=True)
+    assert gradgradcheck(f, (x, w, b), check_batched_grad=True, check_fwd_over_rev=True,
+                         check_rev_over_rev=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_transforms_match_native(training):
+    """torch.compile(fullgraph=True) of vmap and of per-sample gradients (vmap of grad)."""
+    x = _stack(make_input((4, 3, 2, 2), torch.float32, "channels_last"))
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    running = (torch.randn(3), torch.rand(3) + 0.5)
+    stats = (None, None) if training else running
+    results = []
+    for impl in (batchnorm_ext.batch_norm, F.batch_norm):
+        def f(x, w, b):
+            return impl(x, *stats, w, b, training=training)
+
+        torch._dynamo.reset()
+        results.append([torch.compile(t, fullgraph=True)(x, w, b) for t in (
+            vmap(f, (0, None, None)),
+            vmap(grad(lambda *a: _scalar(f(*a)), (0, 1, 2)), (0, None, None)))])
+    for a, n in zip(tree_leaves(results[0]), tree_leaves(results[1])):
+        assert_close(a, n, torch.float32, scale=10)
