@@ -19,6 +19,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -66,6 +67,10 @@ const auto& update_op() {
   return op;
 }
 
+// Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level, which
+// torch.func.jvp opens too; there is at most one, level 0): no tangent exists otherwise.
+bool dual_level_open() { return torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr; }
+
 // Whether `t` carries a forward-mode AD tangent (level 0: the only one outside functorch,
 // and the one each functorch jvp level uses for its own wrappers).
 bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
@@ -76,8 +81,13 @@ bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
 // (the C++ Function has no jvp).
 bool needs_python_autograd(const Tensor& input, const optional<Tensor>& weight,
                            const optional<Tensor>& bias) {
-  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         has_tangent(input) || (given(weight) && has_tangent(*weight)) ||
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    return true;
+  }
+  // No tangent exists outside a dual level: one look at the levels rather than one lock
+  // per tensor in the common case.
+  if (!dual_level_open()) return false;
+  return has_tangent(input) || (given(weight) && has_tangent(*weight)) ||
          (given(bias) && has_tangent(*bias));
 }
 
@@ -203,7 +213,8 @@ ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tens
       (at::GradMode::is_enabled() &&
        (grad_output.requires_grad() || input.requires_grad() ||
         (given(weight) && weight->requires_grad()))) ||
-      has_tangent(grad_output) || has_tangent(input) || (given(weight) && has_tangent(*weight));
+      (dual_level_open() && (has_tangent(grad_output) || has_tangent(input) ||
+                             (given(weight) && has_tangent(*weight))));
   if (differentiate) {
     return differentiable_backward(grad_output, input, weight, running_mean, running_var,
                                    training, eps, mask, param_dtype);
@@ -259,8 +270,9 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
         forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
   } else {  // the eager fast path: the C++ Function, no dispatcher round trip
     check_not_requiring_grad(running_mean, running_var);
-    const bool stat_tangent = (given(running_mean) && has_tangent(*running_mean)) ||
-                              (given(running_var) && has_tangent(*running_var));
+    const bool stat_tangent = dual_level_open() &&
+                              ((given(running_mean) && has_tangent(*running_mean)) ||
+                               (given(running_var) && has_tangent(*running_var)));
     const variable_list out =
         stat_tangent ? BatchNormFunction::apply(input, weight, bias, without_tangent(running_mean),
                                                 without_tangent(running_var), training, eps)
