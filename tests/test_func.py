@@ -88,31 +88,53 @@ def _assert_same_outcome(ours, native, dtype=D):
         assert_close(a, n, dtype)
 
 
-def _functional_pair(shape, layout, mode, dtype=D):
-    """(x, weight, bias), and ours and native's f(x, weight, bias) with their own copies of
-    the running statistics (returned too, to compare their updates)."""
+# BatchNorm class for an input rank: ours and native's
+MODULES = {2: (batchnorm_ext.BatchNorm1d, torch.nn.BatchNorm1d),
+           3: (batchnorm_ext.BatchNorm1d, torch.nn.BatchNorm1d),
+           4: (batchnorm_ext.BatchNorm2d, torch.nn.BatchNorm2d),
+           5: (batchnorm_ext.BatchNorm3d, torch.nn.BatchNorm3d)}
+
+
+def _pair(shape, layout, mode, surface="functional", dtype=D):
+    """(x, weight, bias); ours and native's f(x, weight, bias), each with its own running
+    statistics (returned too, to compare their updates): the functional, or a module through
+    functional_call (its buffers captured); and the running statistics they started from."""
     training, with_stats = MODES[mode]
     c = shape[1]
     x = make_input(shape, dtype, layout, scale=2, offset=1)
     w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     stats = (torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5) if with_stats else None
 
-    def make(impl):
+    def functional(impl):
         running = tuple(s.clone() for s in stats) if stats else (None, None)
         return (lambda x, w, b: impl(x, *running, w, b, training=training)), running
 
-    return (x, w, b), make(batchnorm_ext.batch_norm), make(F.batch_norm)
+    def module(cls):
+        m = cls(c, track_running_stats=with_stats, dtype=dtype).train(training)
+        if with_stats:
+            with torch.no_grad():
+                m.running_mean.copy_(stats[0])
+                m.running_var.copy_(stats[1])
+        return (lambda x, w, b: functional_call(m, {"weight": w, "bias": b}, (x,))), tuple(m.buffers())
+
+    make = functional if surface == "functional" else module
+    impls = (batchnorm_ext.batch_norm, F.batch_norm) if surface == "functional" else MODULES[len(shape)]
+    return (x, w, b), make(impls[0]), make(impls[1]), stats
 
 
+@pytest.mark.parametrize("surface", ["functional", "module"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("shape,layout", SHAPES, ids=str)
 @pytest.mark.parametrize("transform", list(FIRST_ORDER))
-def test_functional_matches_native(transform, shape, layout, mode):
-    """Values, running statistics, and the exception when native raises one (vmapped input
-    in training with running statistics that are not vmapped)."""
-    args, (ours, ours_running), (native, native_running) = _functional_pair(shape, layout, mode)
+def test_matches_native(transform, shape, layout, mode, surface):
+    """Values, running statistics (and num_batches_tracked), and the exception when native
+    raises one: a vmapped input in training with running statistics that are not vmapped;
+    for a module whose buffers the function captures, num_batches_tracked.add_(1) under a
+    grad transform (an in-place change of a captured tensor)."""
+    args, (ours, ours_running), (native, native_running), _ = _pair(shape, layout, mode, surface)
     t = FIRST_ORDER[transform]
     _assert_same_outcome(_outcome(lambda: t(ours, *args)), _outcome(lambda: t(native, *args)))
+    assert len(ours_running) == len(native_running)
     for a, n in zip(ours_running, native_running):
         if n is not None:
             assert_close(a, n)
@@ -126,7 +148,7 @@ def test_functional_matches_native(transform, shape, layout, mode):
     # gradients amplify far beyond an ulp (test_autograd compares those with a float64 oracle)
     (torch.bfloat16, "vmap(input)"), (torch.bfloat16, "vmap(all)")], ids=str)
 def test_functional_reduced_precision_matches_native(dtype, transform, mode):
-    args, (ours, _), (native, _) = _functional_pair((4, 3, 3, 2), "channels_last", mode, dtype)
+    args, (ours, _), (native, _), _ = _pair((4, 3, 3, 2), "channels_last", mode, dtype=dtype)
     t = FIRST_ORDER[transform]
     _assert_same_outcome(_outcome(lambda: t(ours, *args)), _outcome(lambda: t(native, *args)),
                          dtype)
@@ -158,27 +180,22 @@ def _oracle(running, training, eps=1e-5):
     return f
 
 
+@pytest.mark.parametrize("surface", ["functional", "module"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("shape,layout", [((4, 3), "contiguous"), ((3, 2, 2, 2), "channels_last")], ids=str)
 @pytest.mark.parametrize("transform", list(SECOND_ORDER))
-def test_second_order_matches_oracle(transform, shape, layout, mode):
+def test_second_order_matches_oracle(transform, shape, layout, mode, surface):
     """Against the float64 oracle.  Native's own, under these transforms, are wrong in
     training (the (weight, input) block; the (input, input) one too with forward mode) while
     plain torch.autograd gets them right, so native is the reference in eval only."""
-    training = mode == "train"
-    x = make_input(shape, D, layout, scale=2, offset=1)
-    w, b = torch.rand(shape[1], dtype=D) + 0.5, torch.randn(shape[1], dtype=D)
-    running = (torch.randn(shape[1], dtype=D), torch.rand(shape[1], dtype=D) + 0.5)
-    stats = (None, None) if training else running
+    (x, w, b), (ours, _), (native, _), running = _pair(shape, layout, mode, surface)
     t = SECOND_ORDER[transform]
-    ours = t(lambda x, w, b: _scalar(batchnorm_ext.batch_norm(x, *stats, w, b, training=training)),
-             x, w, b)
-    oracle = t(lambda x, w, b: _scalar(_oracle(running, training)(x, w, b)), x, w, b)
-    for a, o in zip(tree_leaves(ours), tree_leaves(oracle)):
+    result = t(lambda *a: _scalar(ours(*a)), x, w, b)
+    oracle = t(lambda *a: _scalar(_oracle(running, mode == "train")(*a)), x, w, b)
+    for a, o in zip(tree_leaves(result), tree_leaves(oracle)):
         assert_close(a, o)
-    if not training:
-        native = t(lambda x, w, b: _scalar(F.batch_norm(x, *running, w, b, training=False)), x, w, b)
-        for a, n in zip(tree_leaves(ours), tree_leaves(native)):
+    if mode == "eval":
+        for a, n in zip(tree_leaves(result), tree_leaves(t(lambda *a: _scalar(native(*a)), x, w, b))):
             assert_close(a, n)
 
 
@@ -200,11 +217,11 @@ def _per_sample_grads(model, x, target):
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
-    def loss(params, sample, t):  # each sample as a batch of two (training needs more than one value)
+    def loss(params, buffers, sample, t):  # each sample as a batch of two (training needs two values)
         batch = sample.unsqueeze(0).expand(2, *sample.shape) * torch.tensor([1.0, -0.5]).reshape(2, 1, 1, 1)
         return F.cross_entropy(functional_call(model, (params, buffers), (batch,)), t.expand(2))
 
-    return vmap(grad(loss), (None, 0, 0))(params, x, target)
+    return vmap(grad(loss), (None, None, 0, 0))(params, buffers, x, target)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "train, no running stats"])
@@ -219,9 +236,13 @@ def test_per_sample_gradients_match_native(mode):
     native.train(mode != "eval")
     ours = _converted(native)
     x, target = torch.randn(5, 3, 4, 4), torch.randint(0, 2, (5,))
+    ours_outcome = _outcome(lambda: _per_sample_grads(ours, x, target))
+    native_outcome = _outcome(lambda: _per_sample_grads(native, x, target))
+    _assert_same_outcome(ours_outcome, native_outcome, torch.float32)
     # In training with running statistics, native refuses: they would be updated per sample.
-    _assert_same_outcome(_outcome(lambda: _per_sample_grads(ours, x, target)),
-                         _outcome(lambda: _per_sample_grads(native, x, target)), torch.float32)
+    assert (native_outcome[0] == "raised") == (mode == "train")
+    if mode == "train":
+        assert str(native_outcome[1]) == RUNNING_STATS_NOT_BATCHED
     for (name, a), (_, n) in zip(ours.named_buffers(), native.named_buffers()):
         assert torch.equal(a, n), name
 
@@ -360,6 +381,9 @@ def test_errors_under_vmap_as_native(case, vmapped_stats):
     assert type(ours[1]) is type(native[1]), (ours[1], native[1])
     if str(native[1]) == RUNNING_STATS_NOT_BATCHED:
         assert str(ours[1]) == RUNNING_STATS_NOT_BATCHED
+    # as in test_errors: the same message, but for RuntimeErrors worded otherwise
+    assert str(ours[1]).split()[0] == str(native[1]).split()[0] or \
+        type(native[1]) is RuntimeError, (str(ours[1]), str(native[1]))
 
 
 # ----------------------------------------------------------------------------------------
