@@ -386,6 +386,19 @@ def test_errors_under_vmap_as_native(case, vmapped_stats):
         type(native[1]) is RuntimeError, (str(ours[1]), str(native[1]))
 
 
+def test_one_vmapped_running_stat_refused():
+    """running_mean vmapped, running_var not, the input not: native updates each slice of
+    running_mean and drops running_var's update (its batching rule writes it into a copy);
+    ours refuses, with native's message for running statistics that cannot be updated."""
+    x = torch.randn(4, 3, 2)
+    running_mean, running_var = torch.zeros(B, 3), torch.ones(3)
+    vmap(lambda m: F.batch_norm(x, m, running_var, training=True))(running_mean)
+    assert torch.equal(running_var, torch.ones(3)) and not torch.equal(running_mean, torch.zeros(B, 3))
+    with pytest.raises(RuntimeError) as e:
+        vmap(lambda m: batchnorm_ext.batch_norm(x, m, running_var, training=True))(torch.zeros(B, 3))
+    assert str(e.value) == RUNNING_STATS_NOT_BATCHED
+
+
 # ----------------------------------------------------------------------------------------
 # The operators' vmap rules: vmap(op) is op applied to each slice.
 
