@@ -37,18 +37,34 @@ def check_functional_args(input, training, eps):
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def check_inputs(input, weight, bias, running_mean, running_var, training):
-    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order."""
-    channels = input.shape[1] if input.dim() > 1 else 0
+def _given(weight, bias, running_mean, running_var):
+    """(name, tensor) for each parameter given, in the order of the checks."""
     named = [("weight", weight), ("bias", bias), ("running_mean", running_mean),
              ("running_var", running_var)]
-    given = [(name, p) for name, p in named if p is not None]
+    return [(name, p) for name, p in named if p is not None]
+
+
+def _check_size(input, name, p):
+    channels = input.shape[1] if input.dim() > 1 else 0
+    torch._check(p.numel() == channels, lambda: (
+        f"{name} should contain {channels} elements not {p.numel()}"))
+
+
+def check_sizes(input, weight, bias, running_mean, running_var):
+    """The sizes of the parameters, which native checks before the rest
+    (aten::_batch_norm_impl_index): under vmap, before its batching rule."""
+    for name, p in _given(weight, bias, running_mean, running_var):
+        _check_size(input, name, p)
+
+
+def check_inputs(input, weight, bias, running_mean, running_var, training):
+    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order."""
+    given = _given(weight, bias, running_mean, running_var)
     for name, p in given:
         if p.device != input.device:
             raise RuntimeError(f"Tensor on device {p.device} is not on the expected device "
                                f"{input.device}!")
-        torch._check(p.numel() == channels, lambda: (
-            f"{name} should contain {channels} elements not {p.numel()}"))
+        _check_size(input, name, p)
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")

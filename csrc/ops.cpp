@@ -1,6 +1,8 @@
-// The operator schemas.  Kernels are registered elsewhere: CPU in batch_norm_cpu.cpp,
-// Autograd and CompositeImplicitAutograd in autograd.cpp, fake (meta) ones in Python
-// (batchnorm_ext/_ops.py).
+// The operator schemas.  Kernels are registered elsewhere: CPU in batch_norm_cpu.cpp;
+// CompositeImplicitAutograd (and its decomposition under vmap) and batch_norm_backward's
+// Autograd in autograd.cpp; in Python, batch_norm_forward's Autograd
+// (batchnorm_ext/_autograd.py), the vmap rules (batchnorm_ext/_vmap.py) and the fake (meta)
+// kernels (batchnorm_ext/_ops.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(batchnorm_ext, m) {
