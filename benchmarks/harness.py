@@ -1,0 +1,123 @@
+"""Shared pieces of the benchmarks: timing, checking, the fused API's availability."""
+import contextlib
+import inspect
+import math
+import platform
+import statistics
+import sys
+
+import torch
+import torch.utils.benchmark
+
+
+def parse_shape(text):
+    return tuple(int(s) for s in text.lower().split("x"))
+
+
+def machine():
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return cpu
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+# Timing.
+
+
+def median_time(fn, min_run_time):
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                        num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved(fns, rounds, min_run_time):
+    """Medians over `rounds` of A B A B ... timing; each round is itself a median.  None in
+    `fns` (a variant that is not available) gives None."""
+    live = [fn for fn in fns if fn is not None]
+    for fn in live:  # warm-up: first calls allocate and fault in memory
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            if fn is not None:
+                times[i].append(median_time(fn, min_run_time))
+    return [statistics.median(t) if t else None for t in times]
+
+
+def progress(items, desc, unit):
+    """tqdm on stderr where it is installed (it is a dependency), else the plain iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def note(bar, text):
+    """Show what a case is doing now (compiling, checking, timing) next to its progress bar."""
+    if hasattr(bar, "set_postfix_str"):
+        bar.set_postfix_str(text, refresh=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Checking results before timing them.
+
+
+def compare(reference, result, tol, what):
+    """Each tensor of `result` against `reference`: max abs difference within tol * scale,
+    scale = max(1, max |reference|).  Raises with the worst difference."""
+    if len(reference) != len(result):
+        raise AssertionError(f"{what}: {len(result)} results, expected {len(reference)}")
+    for i, (r, o) in enumerate(zip(reference, result)):
+        if r is None and o is None:
+            continue
+        r, o = r.detach().float(), o.detach().float()
+        if r.shape != o.shape:
+            raise AssertionError(f"{what}: result {i} has shape {tuple(o.shape)}, "
+                                 f"expected {tuple(r.shape)}")
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+        diff = (r - o).abs().max().item() if r.numel() else 0.0
+        if not diff <= tol * scale:  # NaN fails too
+            raise AssertionError(f"{what}: result {i} differs by {diff:.3g} "
+                                 f"(allowed {tol * scale:.3g})")
+
+
+def relative_error(reference, result):
+    """||result - reference|| / ||reference|| (0 where both are 0)."""
+    r, o = reference.detach().double(), result.detach().double()
+    denominator = r.norm().item()
+    difference = (r - o).norm().item()
+    return difference / denominator if denominator > 0 else difference
+
+
+# ---------------------------------------------------------------------------------------
+# The fused operators (being written): batch_norm(..., *, residual=None, activation=None)
+# computing act(bn(x) + residual), and fuse(model).  Until they exist, their columns are
+# "n/a" with the reason.
+
+
+def fused_functional_missing(batchnorm_ext):
+    """None if batchnorm_ext.batch_norm takes residual= and activation=, else why not."""
+    try:
+        parameters = inspect.signature(batchnorm_ext.batch_norm).parameters
+    except (TypeError, ValueError):
+        return "batchnorm_ext.batch_norm has no inspectable signature"
+    missing = [k for k in ("residual", "activation") if k not in parameters]
+    if missing:
+        return ("batchnorm_ext.batch_norm takes no " + " / ".join(f"{k}=" for k in missing)
+                + " (fused operators not in this build)")
+    return None
+
+
+def fuse_missing(batchnorm_ext):
+    """None if batchnorm_ext.fuse exists, else why not."""
+    if not callable(getattr(batchnorm_ext, "fuse", None)):
+        return "batchnorm_ext.fuse does not exist (fused operators not in this build)"
+    return None
