@@ -237,7 +237,7 @@ def run_model(args, alloc):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    for layout in args.layouts:
+    for layout in progress(args.layouts, f"model, allocator={alloc}", "layout"):
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
         native = resnet_style().to(memory_format=fmt)
         ours = batchnorm_ext.convert_model(copy.deepcopy(native))
@@ -282,7 +282,7 @@ def _sync_worker(rank, world, init_file, out_file, shapes, threads, rounds):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     rows = []
-    for shape in shapes:
+    for shape in (progress(shapes, "SyncBatchNorm", "shape") if rank == 0 else shapes):
         dims = parse_shape(shape)
         x = (torch.randn(dims) * 2 + 0.5).requires_grad_()
         grad = torch.randn(dims)
@@ -378,6 +378,8 @@ def chart(rows, path, meta):
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")  # speed-ups from below 1 to above 10 on one chart
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 1.5)  # room for the labels above the tallest bars
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([j + width * (len(allocs) - 1) / 2 for j in range(len(shapes))], shapes, fontsize=8)
