@@ -102,9 +102,10 @@ def targets(rows, meta, alloc):
     big = [r for r in sel if r["shape"] in default_2d and r["layout"] not in LAYOUTS_1D
            and numel(r["shape"]) >= TARGET_MIN_NUMEL]
     big_shapes = list(dict.fromkeys(r["shape"] for r in big))
-    out = [f"**Tracked targets, {alloc} allocator** (speed-up = native ms / ours ms; geometric "
-           f"means over the {len(big_shapes)} default BatchNorm2d shapes of at least "
-           f"{TARGET_MIN_NUMEL:,} values: {', '.join(big_shapes)}):\n"]
+    over = (f"geometric means over the {len(big_shapes)} default BatchNorm2d shapes of at least "
+            f"{TARGET_MIN_NUMEL:,} values: {', '.join(big_shapes)}" if big_shapes else
+            f"no default BatchNorm2d shape of at least {TARGET_MIN_NUMEL:,} values in this run")
+    out = [f"**Tracked targets, {alloc} allocator** (speed-up = native ms / ours ms; {over}):\n"]
 
     def gm(layout, dtype, mode):
         picked = [r["speedup"] for r in big if (r["layout"], r["dtype"], r["mode"]) == (layout, dtype, mode)]
