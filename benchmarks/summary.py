@@ -186,8 +186,10 @@ def variant_tables(rows, out):
         errors = [r for r in sel if r.get("check_rel_error")]
         if errors:
             variants = [v for v in VARIANTS if any(v in r["check_rel_error"] for r in errors)]
-            out.append("\nChecked before timing: one step's loss and gradient, relative error "
-                       "against float64:\n")
+            what = ("one step's loss and gradient" if sel[0].get("kind") == "networks"
+                    else "the output and the gradients (the worst of them)")
+            out.append(f"\nChecked before timing: {what}, relative error (norms) against "
+                       f"float64:\n")
             out.append("| case | shape | " + " | ".join(VARIANT_TITLES[v] for v in variants) + " |")
             out.append("|---|---|" + "---|" * len(variants))
             for r in errors:
