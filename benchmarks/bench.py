@@ -22,6 +22,8 @@ run under two allocator settings, each in its own process:
 Results (JSON, CSV, a Markdown summary, a PNG chart for the op level) go to --out, by
 default a new folder benchmarks/results/run-<date>-<time>/ (not committed); the committed
 files in benchmarks/results/ are written only when asked: --out benchmarks/results.
+benchmarks/summary.py prints a results file again; benchmarks/compile_profile.py is the
+diagnostic behind benchmarks/COMPILE.md (where torch.compile's time goes).
 """
 import argparse
 import copy
