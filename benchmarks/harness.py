@@ -80,23 +80,23 @@ def relative_error(reference, result):
     return difference / denominator if denominator > 0 else difference
 
 
-def check_variant(errors, variant, tol, what):
+def check_variant(errors, variant, tol, what, factor=4):
     """`errors`: relative error against float64 of each variant computed so far, native
-    eager's included.  Ours (eager, fused, compiled) may be at most twice as far from
-    float64 as native eager (compiled: or as native compiled), or within `tol`; native
-    compiled is only recorded (it is not ours).
+    eager's included.  Ours (eager, fused, compiled) may be at most `factor` times as far
+    from float64 as the worse of native eager and native compiled, or within `tol`;
+    native compiled is only recorded (it is not ours).
 
     Norms, not element-wise differences: a ReLU after a batch norm passes or stops the
     gradient by the sign of its input, and for the few values within rounding of 0 that
-    sign differs between any two correct implementations (bfloat16: many more)."""
+    sign differs between any two correct implementations (bfloat16: many more).  And a
+    margin: how far float32 lands from float64 varies with the order of every rounding."""
     if not variant.startswith("ours"):
         return
-    bound = max(tol, 2 * errors["native"])
-    if variant == "ours_compiled" and "native_compiled" in errors:
-        bound = max(bound, 2 * errors["native_compiled"])
+    native = max(errors[v] for v in ("native", "native_compiled") if v in errors)
+    bound = max(tol, factor * native)
     if not errors[variant] <= bound:
         raise AssertionError(f"{what} {variant}: relative error {errors[variant]:.3g} against "
-                             f"float64, native eager's {errors['native']:.3g}, allowed {bound:.3g}")
+                             f"float64, native's {native:.3g}, allowed {bound:.3g}")
 
 
 # ---------------------------------------------------------------------------------------

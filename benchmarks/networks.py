@@ -93,14 +93,15 @@ class NetworkCase:
         return max(abs(loss - ref_loss) / abs(ref_loss), relative_error(ref_grads, grads))
 
     def check(self, variant, errors):
-        """One step's loss and gradients against float64, from the same weights, beside
-        native eager's (harness.check_variant).  Native eager's float32 gradient itself is
-        off float64 by ~1e-3 on resnet18 at 16x3x112x112, so ours is not compared with
-        native's bits."""
+        """One step's loss and gradient against float64, from the same weights, beside
+        native's (harness.check_variant).  Not against native's bits: a float32 training
+        step of a deep network lands 1e-3 to 1e-2 (relative) from float64, whichever
+        implementation computes it (resnet18 at 16x3x112x112, seeds 0, 1, 2: native eager
+        1.3e-3, 7.4e-3, 2.2e-3; native compiled 7.4e-4, 4.8e-3, 8.4e-3)."""
         if "native" not in errors:
             errors["native"] = self.error("native")
         errors[variant] = self.error(variant)
-        check_variant(errors, variant, 5e-2 if self.autocast else 1e-3,
+        check_variant(errors, variant, 1e-1 if self.autocast else 1e-2,
                       f"{self.name} {self.describe()}")
 
     def step(self, variant):
