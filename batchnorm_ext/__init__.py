@@ -13,6 +13,7 @@ from ._ops import ops
 from . import _autograd, _vmap  # noqa: F401  (Python kernels: Autograd of batch_norm_forward, vmap rules)
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fuse
 from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
@@ -33,9 +34,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",
+    "fuse",
     "cpu_capability",
     "set_cpu_capability",
     "ops",
