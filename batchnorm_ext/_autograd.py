@@ -106,6 +106,7 @@ class _BatchNormFunction(torch.autograd.function._SingleLevelFunction):
     def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, *_):
         if input_t is None and weight_t is None and bias_t is None:
             return None, None, None  # tangents of running statistics only: ignored, as by native
+        _check_no_running_stat_tangents(ctx.training, _running_mean_t, _running_var_t)
         # Under a transform, the tangent is computed for this level alone, and differentiated
         # by the levels below (jacfwd of jacfwd, jacrev of jacfwd).
         with contextlib.nullcontext() if ctx.grad_modes is None else _levels_below(ctx.grad_modes):
@@ -204,10 +205,12 @@ class _BatchNormActFunction(torch.autograd.function._SingleLevelFunction):
         return (*grads[:3], None, None, None, None, grads[3], None, None)
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _training, _eps,
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, _training, _eps,
             residual_t, *_):
         input, weight, bias, running_mean, running_var, save_mean, save_var, out, residual = \
             ctx.saved_tensors
+        if input_t is not None or weight_t is not None or bias_t is not None:
+            _check_no_running_stat_tangents(ctx.training, running_mean_t, running_var_t)
         with contextlib.nullcontext() if ctx.grad_modes is None else _levels_below(ctx.grad_modes):
             if input_t is None and weight_t is None and bias_t is None:
                 z_t = None
@@ -251,6 +254,14 @@ def _normalized(ctx, input, weight, bias, running_mean, running_var, save_mean, 
     if bias is not None:
         z = z + _per_channel(bias.to(compute), x)
     return z
+
+
+def _check_no_running_stat_tangents(training, running_mean_t, running_var_t):
+    """As native's jvp (batch_norm_jvp): in eval, running statistics with a tangent are an
+    error when anything else has one (in training, and alone, they are ignored)."""
+    if not training and (running_mean_t is not None or running_var_t is not None):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "
+                           "they cannot have forward grad defined")
 
 
 def _check_not_requiring_grad(running_mean, running_var):

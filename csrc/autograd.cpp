@@ -22,7 +22,13 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
+#include <string>
 
 namespace batchnorm_ext {
 
@@ -381,6 +387,39 @@ ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tens
                             save_var, training, eps, mask, param_dtype);
 }
 
+// A double as Python's repr() writes it (shortest round trip; fixed notation from 1e-4 to
+// 1e16, with a ".0" if need be): native formats eps in Python, so messages then match.
+std::string python_repr(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  char buffer[64];
+  const auto end = std::to_chars(buffer, buffer + sizeof(buffer), value, std::chars_format::scientific).ptr;
+  std::string text(buffer, end);  // shortest round trip: [-]d[.ddd]e[+-]dd
+  const bool negative = text[0] == '-';
+  if (negative) text.erase(0, 1);
+  const size_t e = text.find('e');
+  std::string digits = text.substr(0, e);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  const int exponent = std::stoi(text.substr(e + 1));
+  std::string out;
+  if (exponent >= -4 && exponent < 16) {
+    if (exponent >= 0) {
+      std::string whole = digits.substr(0, std::min<size_t>(digits.size(), exponent + 1));
+      whole.append(exponent + 1 - whole.size(), '0');
+      out = whole + "." + (digits.size() > size_t(exponent) + 1 ? digits.substr(exponent + 1) : "0");
+    } else {
+      out = "0." + std::string(-exponent - 1, '0') + digits;
+    }
+  } else {
+    out = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+    char exponent_text[8];
+    std::snprintf(exponent_text, sizeof(exponent_text), "e%c%02d", exponent < 0 ? '-' : '+',
+                  std::abs(exponent));
+    out += exponent_text;
+  }
+  return negative ? "-" + out : out;
+}
+
 // What torch.nn.functional.batch_norm checks before anything else, with its exception
 // types: ValueError for a single value per channel and for eps, IndexError for a 0-D
 // input in training.  The operator checks the rest (batch_norm_cpu.cpp, check_inputs).
@@ -397,9 +436,11 @@ void check_functional_args(const Tensor& input, bool training, double eps) {
       TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input size ",
                         sizes.str());
     }
-    TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", eps);
+    // As native's `eps <= 0.0` and `eps < 0.0`: NaN passes.
+    TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ",
+                      python_repr(eps));
   } else {
-    TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
+    TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ", python_repr(eps));
   }
 }
 

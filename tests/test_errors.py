@@ -85,17 +85,9 @@ DIFFERENT_ON_PURPOSE = {
         "native fails in an internal accessor ('TensorAccessor expected 1 dims but tensor has 2')"),
 }
 
-# Differences that are bugs: ours formats eps in C++ (csrc/autograd.cpp,
-# check_functional_args: ostream, 6 significant digits, no ".0"); native in Python (repr).
-EPS_FORMAT_BUG = ("bug (csrc/autograd.cpp, check_functional_args): eps is printed by C++ "
-                  "streams (0, -0, -1.23457e-05) where native's Python prints repr(eps) (0.0, "
-                  "-0.0, -1.234567891e-05)")
-MESSAGE_BUGS = {
-    "eps zero in training": EPS_FORMAT_BUG,
-    "eps -0.0 in training": EPS_FORMAT_BUG,
-    "eps of many digits in training": EPS_FORMAT_BUG,
-    "eps of many digits in eval": EPS_FORMAT_BUG,
-}
+# Differences that are bugs (expected failures).  None known: eps, once printed by C++
+# streams (0, -1.23457e-05), is now written as Python's repr (0.0, -1.234567891e-05).
+MESSAGE_BUGS = {}
 
 
 def call(fn, args):
@@ -143,12 +135,9 @@ def test_lists_name_cases():
     assert not set(DIFFERENT_ON_PURPOSE) & set(MESSAGE_BUGS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (csrc/autograd.cpp, check_functional_args: TORCH_CHECK_VALUE(eps > 0) and eps >= 0): "
-    "eps = NaN is refused with ValueError; native's Python checks (eps <= 0, eps < 0) are "
-    "false for NaN, so native accepts it (and returns NaN)"))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_nan_eps_accepted_as_native(training):
+    """Native's Python checks (eps <= 0, eps < 0) are false for NaN: it accepts it."""
     x = torch.randn(4, C)
     native = F.batch_norm(x, *stats(), training=training, eps=float("nan"))
     ours = batchnorm_ext.batch_norm(x, *stats(), training=training, eps=float("nan"))

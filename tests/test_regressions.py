@@ -212,11 +212,6 @@ def test_forward_ad_with_dual_running_statistics_in_training_like_native(how):
         assert_close(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (batchnorm_ext/functional.py, _batch_norm_with_jvp): in eval, running statistics "
-    "with a tangent are accepted and their tangent ignored; native raises RuntimeError "
-    "'batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
-    "forward grad defined'"))
 @pytest.mark.parametrize("how", ["jvp", "dual"])
 def test_forward_ad_with_dual_running_statistics_in_eval_raises_as_native(how):
     def run(fn):

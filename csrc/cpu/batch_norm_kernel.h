@@ -138,9 +138,9 @@ void forward_typed(const ForwardArgs& args) {
     for (int64_t c = 0; c < C; ++c) finish(c, moments[c]);
   }
   if (y == nullptr) return;  // statistics only
-  const auto mean_p = lane_pattern(mean, plan.period);
-  const auto scale_p = lane_pattern(scale, plan.period);
-  const auto shift_p = lane_pattern(shift, plan.period);
+  const auto mean_p = lane_pattern(mean, plan);
+  const auto scale_p = lane_pattern(scale, plan);
+  const auto shift_p = lane_pattern(shift, plan);
   using Patterns = const acc_t*;
   with_output_epilogue([&](auto e, auto epilogue) {
     using E = decltype(e);
@@ -336,23 +336,24 @@ void backward_typed(const BackwardArgs& args) {
   }
 
   const ChannelsLastPlan plan(g, kLanes<T>);
-  const auto mean_p = lane_pattern(mean, plan.period);
-  const auto k_dy_p = lane_pattern(k_dy, plan.period);
-  const auto z_shift_p = lane_pattern(z_shift, plan.period);
+  const auto mean_p = lane_pattern(mean, plan);
+  const auto k_dy_p = lane_pattern(k_dy, plan);
+  const auto z_shift_p = lane_pattern(z_shift, plan);
   if (need_sums) {
     const std::vector<GradSums> sums = with_grad_epilogue([&](auto e) {
-      auto grad_at = [&](int64_t i, int64_t k) {
+      auto grad_at = [&](int64_t i, int64_t k, int64_t n) {
         Vec dz;
         if constexpr (decltype(e)::kActivation == Activation::Identity) {
-          dz = load_vec(dy + i);
+          dz = load_vec_n(dy + i, n);
         } else {
           const Vec m = Vec::loadu(mean_p.data() + k), s = Vec::loadu(k_dy_p.data() + k);
           const Vec t = Vec::loadu(z_shift_p.data() + k);
-          const Vec grad = load_vec(dy + i), v = load_vec(x + i), out = load_vec(out_or_dy + i);
-          dz = residual_read ? dz_of(e, grad, v, out, m, s, t, load_vec(residual_or_dy + i))
+          const Vec grad = load_vec_n(dy + i, n), v = load_vec_n(x + i, n);
+          const Vec out = load_vec_n(out_or_dy + i, n);
+          dz = residual_read ? dz_of(e, grad, v, out, m, s, t, load_vec_n(residual_or_dy + i, n))
                              : dz_of(e, grad, v, out, m, s, t);
         }
-        if (grad_residual) store_vec(grad_residual + i, dz);
+        if (grad_residual) store_vec(grad_residual + i, dz, n);
         return dz;
       };
       auto grad_at_value = [&](int64_t i, int64_t c) {
@@ -373,8 +374,8 @@ void backward_typed(const BackwardArgs& args) {
   }
   if (!dx) return;
   using Patterns = const acc_t*;
-  const auto k_x_p = lane_pattern(k_x, plan.period);
-  const auto k_c_p = lane_pattern(k_c, plan.period);
+  const auto k_x_p = lane_pattern(k_x, plan);
+  const auto k_c_p = lane_pattern(k_c, plan);
   if (dz_in_memory && !training) {
     channels_last_map<1>(plan, stream, {k_dy_p.data()}, dx,
                          [&](const auto& c, auto dz) { return dx_eval(dz, c[0]); }, dz_in_memory);

@@ -21,10 +21,19 @@ inline namespace CPU_CAPABILITY {
 // channel, whatever C is (C = 3 gives P = 48 with 16 lanes).  Statistics are kept per lane
 // over blocks of whole periods and folded into channels at the end; the rows left over
 // after the last full period (fewer than P / C) are handled one value at a time.
+//
+// When lcm(C, lanes) is long (C large and odd: 16 C values), a period is one row instead,
+// P = C, whose last vector is partial ("ragged": masked loads and stores): per-lane arrays
+// of C values rather than 16 C, and blocks that still fit in L1.
+
+// The longest lcm(C, lanes) period; longer ones become rows.
+constexpr int64_t kMaxPeriod = 2048;
 
 struct ChannelsLastPlan {
   int64_t channels;
-  int64_t period;             // P = lcm(C, lanes) values
+  int64_t period;             // P: lcm(C, lanes) values, or one row of C
+  int64_t width;              // P rounded up to whole vectors: per-lane arrays hold this many
+  bool ragged;                // P is not a whole number of vectors
   int64_t rows;               // batch * inner
   int64_t periods;            // full periods
   int64_t tail_begin;         // first value after the last full period
@@ -35,14 +44,17 @@ struct ChannelsLastPlan {
 
   ChannelsLastPlan(const Geometry& g, int64_t lanes) {
     channels = g.channels;
-    period = std::lcm(g.channels, lanes);
+    const int64_t lcm = std::lcm(g.channels, lanes);
+    period = lcm <= kMaxPeriod ? lcm : g.channels;
+    width = divup(period, lanes) * lanes;
+    ragged = width != period;
     rows = g.count();
     periods = rows * channels / period;
     tail_begin = periods * period;
     // About 4096 values (16 KiB of floats, in L1 between the two sweeps), and at least 16
-    // periods so that merging blocks costs little next to reading them (so for a long
-    // period, C large and not a multiple of the lanes, a block outgrows L1).
-    periods_per_block = std::clamp<int64_t>(2 * kBlockValues / period, 16, 64);
+    // periods so that merging blocks costs little next to reading them (4 for periods of
+    // more than 1024 values, so that a block still fits in L1).
+    periods_per_block = std::clamp<int64_t>(2 * kBlockValues / period, period > 1024 ? 4 : 16, 64);
     blocks = divup(periods, periods_per_block);
     // Chunks have a fixed size, never one per thread: the result must not depend on the
     // number of threads.  Their per-lane results (2 P + 1 doubles each) take at most 8 MiB.
@@ -92,11 +104,14 @@ bool lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = kLanes<T>;
   // Sweep 1, row after row as the data lies in memory (so that it streams): the sum of
-  // every lane, kept in out.mean.
+  // every lane, kept in out.mean.  A ragged period's last vector is partial (its missing
+  // lanes read 0, and are never read back).
   acc_t* sum = out.mean.data();
-  for (int64_t k = 0; k < period; k += L) load_vec(x + k).store(sum + k);
+  for (int64_t k = 0; k < period; k += L) load_vec_n(x + k, std::min(L, period - k)).store(sum + k);
   for (int64_t r = 1; r < n; ++r) {
-    for (int64_t k = 0; k < period; k += L) (Vec::loadu(sum + k) + load_vec(x + r * period + k)).store(sum + k);
+    for (int64_t k = 0; k < period; k += L) {
+      (Vec::loadu(sum + k) + load_vec_n(x + r * period + k, std::min(L, period - k))).store(sum + k);
+    }
   }
   // Sweep 2, over the block now in L1: a group of columns at a time, so that the
   // accumulators are registers.
@@ -123,6 +138,20 @@ bool lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
       all_sq += sq[g];
     }
   });
+  const int64_t full = period / L * L;
+  if (full < period) {  // a ragged period's last, partial vector, masked (missing lanes: 0)
+    const Vec mean = Vec::loadu(sum + full) * inv_n;
+    Vec dev(0), sq(0);
+    for (int64_t r = 0; r < n; ++r) {
+      const Vec d = load_vec(x + r * period + full, period - full, acc_t(0)) - mean;
+      dev += d;
+      sq = at::vec::fmadd(d, d, sq);
+    }
+    mean.store(out.mean.data() + full);
+    dev.store(out.dev.data() + full);
+    sq.store(out.sq.data() + full);
+    all_sq += sq;
+  }
   return std::isfinite(sum_lanes(all_sq));
 }
 
@@ -211,8 +240,8 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
   // infinite (a block went through lane_sums_exact).
   const int64_t width = 2 * P + 1;
   const std::vector<double> chunk_stats = reduce_chunks(plan, width, [&](int64_t chunk, double* out) {
-    LaneSums<acc_t> block(P);
-    LaneSums<double> exact(P);
+    LaneSums<acc_t> block(plan.width);
+    LaneSums<double> exact(0);  // sized when a block needs it (Inf, NaN, overflow)
     bool infinite = false;
     int64_t count = 0;
     const int64_t first = chunk * plan.blocks_per_chunk;
@@ -222,6 +251,7 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
       const T* rows = x + plan.first_period(b) * P;
       const bool finite = lane_sums(rows, P, n, block);
       if (!finite) {  // Inf, NaN or float overflow in the block: redo it in double
+        if (exact.mean.empty()) exact = LaneSums<double>(P);
         lane_sums_exact(rows, P, n, exact);
         infinite = true;
       }
@@ -278,7 +308,8 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
 }
 
 // Per-channel sum(dz) and sum(dz * (x - mean)) of channels-last data, where dz is the
-// gradient at the batch norm's output: grad_at(i, k) for the vector at index i, whose lanes
+// gradient at the batch norm's output: grad_at(i, k, n) for the n values (a whole vector,
+// or fewer at the end of a ragged period, the missing lanes 0) at index i, whose lanes
 // start at lane k of the period, and grad_at_value(i, c) for the single value i of channel
 // c after the last full period (see block_grad_sums).
 template <typename T, typename GradAt, typename GradAtValue>
@@ -293,7 +324,7 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan
   const std::vector<double> chunk_sums = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
     // Per block, row after row (as the data lies in memory), sums per lane in float; then
     // added to the chunk's sums in double.
-    std::vector<acc_t> dy_sum(P), dy_xmu_sum(P);
+    std::vector<acc_t> dy_sum(plan.width), dy_xmu_sum(plan.width);
     const int64_t first = chunk * plan.blocks_per_chunk;
     const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
     for (int64_t b = first; b < last; ++b) {
@@ -302,10 +333,10 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan
       const int64_t end_row = plan.first_period(b) + plan.periods_in(b);
       for (int64_t r = plan.first_period(b); r < end_row; ++r) {
         for (int64_t k = 0; k < P; k += kLanes<T>) {
-          const int64_t i = r * P + k;
-          const Vec grad = grad_at(i, k);
+          const int64_t i = r * P + k, n = std::min(kLanes<T>, P - k);
+          const Vec grad = grad_at(i, k, n);
           (Vec::loadu(dy_sum.data() + k) + grad).store(dy_sum.data() + k);
-          at::vec::fmadd(grad, load_vec(x + i) - Vec::loadu(mean_pattern.data() + k),
+          at::vec::fmadd(grad, load_vec_n(x + i, n) - Vec::loadu(mean_pattern.data() + k),
                          Vec::loadu(dy_xmu_sum.data() + k))
               .store(dy_xmu_sum.data() + k);
         }
@@ -330,11 +361,14 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan
   return channel;
 }
 
-// A per-channel coefficient repeated over a period: the coefficient of every lane.
+// A per-channel coefficient repeated over a period: the coefficient of every lane (and 0
+// in the lanes a ragged period's last vector has in excess).
 template <typename A>
-std::vector<A> lane_pattern(const std::vector<A>& per_channel, int64_t period) {
-  std::vector<A> pattern(period);
-  for (int64_t l = 0; l < period; ++l) pattern[l] = per_channel[l % per_channel.size()];
+std::vector<A> lane_pattern(const std::vector<A>& per_channel, const ChannelsLastPlan& plan) {
+  std::vector<A> pattern(plan.width, A(0));
+  for (int64_t l = 0; l < plan.period && !per_channel.empty(); l += plan.channels) {
+    std::copy(per_channel.begin(), per_channel.end(), pattern.begin() + l);
+  }
   return pattern;
 }
 
@@ -373,12 +407,18 @@ void channels_last_map(const ChannelsLastPlan& plan,
       stream_fence();
     });
   } else {  // longer periods: the coefficients are loaded (from L1) with each vector
+    const int64_t full = P / L * L;  // a ragged period ends with a partial vector
     at::parallel_for(0, plan.periods, std::max<int64_t>(1, kGrain / P), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin * P; i < end * P; i += P) {
-        for (int64_t k = 0; k < P; k += L) {
+        for (int64_t k = 0; k < full; k += L) {
           std::array<Vec, NP> c;
           for (int q = 0; q < NP; ++q) c[q] = Vec::loadu(patterns[q] + k);
           put_vec<kStream>(out + i + k, f(c, load_vec(in + i + k)...));
+        }
+        if (full < P) {
+          std::array<Vec, NP> c;
+          for (int q = 0; q < NP; ++q) c[q] = Vec::loadu(patterns[q] + full);
+          store_vec(out + i + full, f(c, load_vec(in + i + full, P - full, acc_t(0))...), P - full);
         }
       }
       stream_fence();
@@ -395,7 +435,8 @@ template <int NP, typename T, typename F, typename... In>
 void channels_last_map(const ChannelsLastPlan& plan, bool stream,
                        const std::array<const opmath_t<T>*, NP>& patterns, T* out, const F& f,
                        const In*... in) {
-  if (stream) {
+  // Streaming stores need aligned vectors, which the rows of a ragged period are not.
+  if (stream && !plan.ragged) {
     channels_last_map<NP, true>(plan, patterns, out, f, in...);
   } else {
     channels_last_map<NP, false>(plan, patterns, out, f, in...);
