@@ -5,14 +5,19 @@ statistics, as custom operators with autograd.
     bn = batchnorm_ext.BatchNorm2d(64)            # a drop-in for torch.nn.BatchNorm2d
     y = batchnorm_ext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
     model = batchnorm_ext.convert_model(model)    # every torch.nn.BatchNorm*d swapped
+    model = batchnorm_ext.revert_model(model)     # and back
 """
 import torch  # noqa: F401  (first: _C links against torch's libraries, loaded by it)
 
 from . import _C
+from ._onnx import onnx_translation_table, register_torchscript_symbolic as _register_symbolic
 from ._ops import ops
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model, fuser_method_mapping,
+                      register_conversion, revert_model, revert_sync_batchnorm)
 from .sync import SyncBatchNorm
+
+_register_symbolic()
 
 __version__ = "0.1.0"
 
@@ -36,6 +41,11 @@ __all__ = [
     "batch_norm",
     "convert_model",
     "cpu_capability",
-    "set_cpu_capability",
+    "fuser_method_mapping",
+    "onnx_translation_table",
     "ops",
+    "register_conversion",
+    "revert_model",
+    "revert_sync_batchnorm",
+    "set_cpu_capability",
 ]

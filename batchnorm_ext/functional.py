@@ -2,6 +2,7 @@
 import torch
 import torch.autograd.forward_ad as _fwad
 
+from . import _onnx
 from ._ops import check_functional_args, check_inputs, ops
 
 _batch_norm = ops.batch_norm.default
@@ -19,6 +20,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
+    if _onnx.exporting():  # torch.onnx.export(dynamo=True): see _onnx.py
+        return _onnx.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
     return _normalize(input, weight, bias, running_mean, running_var, training, momentum, eps,
                       None)
 
