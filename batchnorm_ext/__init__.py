@@ -13,8 +13,9 @@ from . import _C
 from ._onnx import onnx_translation_table, register_torchscript_symbolic as _register_symbolic
 from ._ops import ops
 from .functional import batch_norm
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model, fuser_method_mapping,
-                      register_conversion, revert_model, revert_sync_batchnorm)
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, OnOurKernel, convert_model,
+                      fuser_method_mapping, register_conversion, revert_model,
+                      revert_sync_batchnorm)
 from .sync import SyncBatchNorm
 
 _register_symbolic()
@@ -37,6 +38,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "OnOurKernel",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",

@@ -68,10 +68,11 @@ def register_torchscript_symbolic():
                      num_batches_tracked):
             # momentum=None (a cumulative average) only weighs the running statistics'
             # update, which the exported graph does not return (as for torch's modules).
-            factor = 0.0 if symbolic_helper._is_none(momentum) else symbolic_helper._parse_arg(momentum, "f")
+            factor = (0.0 if symbolic_helper._is_none(momentum)
+                      else symbolic_helper._parse_arg(momentum, "f"))
             return native(g, input, weight, bias, running_mean, running_var, training, factor,
                           eps, False)
         return symbolic
 
-    register_custom_op_symbolic("batchnorm_ext::batch_norm", symbolic_for(symbolic_opset9.batch_norm), 9)
-    register_custom_op_symbolic("batchnorm_ext::batch_norm", symbolic_for(symbolic_opset14.batch_norm), 14)
+    for opset, native in [(9, symbolic_opset9.batch_norm), (14, symbolic_opset14.batch_norm)]:
+        register_custom_op_symbolic("batchnorm_ext::batch_norm", symbolic_for(native), opset)

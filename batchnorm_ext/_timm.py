@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 from timm.layers import BatchNormAct2d as _TimmBatchNormAct2d
 
-from .modules import _OnOurKernel, register_conversion
+from .modules import OnOurKernel, register_conversion
 
 
-class BatchNormAct2d(_OnOurKernel, _TimmBatchNormAct2d):
+class BatchNormAct2d(OnOurKernel, _TimmBatchNormAct2d):
     __doc__ = _TimmBatchNormAct2d.__doc__
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,9 +18,19 @@ from . import _onnx
 from .functional import _normalize
 
 
-class _OnOurKernel:
-    """The second half of torch's _BatchNorm.forward (after the input check) on our
-    operator.  A mixin: it comes before the torch.nn class in the bases."""
+class OnOurKernel:
+    """A mixin for batch norms of torch.nn (and their subclasses) that run on our
+    operator: self._batch_norm(input) is the second half of torch's _BatchNorm.forward
+    (after the input check), on our operator, in eager mode, TorchScript, FX tracing and
+    ONNX export.  It comes before the torch.nn class in the bases:
+
+        class OursScaled(batchnorm_ext.OnOurKernel, Scaled):  # Scaled: a BatchNorm2d
+            def forward(self, x):                                # whose forward returns
+                self._check_input_dim(x)                         # 2 * F.batch_norm(...)
+                return 2 * self._batch_norm(x)
+
+        batchnorm_ext.register_conversion(Scaled, OursScaled)
+    """
 
     def _batch_norm_arguments(self) -> Tuple[Optional[Tensor], Optional[Tensor], bool,
                                              Optional[float], Optional[Tensor]]:
@@ -54,28 +64,29 @@ class _OnOurKernel:
             return torch.ops.batchnorm_ext.batch_norm(input, self.weight, self.bias, running_mean,
                                                       running_var, use_batch_stats, momentum,
                                                       self.eps, counter)
-        return self._normalize(input, running_mean, running_var, use_batch_stats, momentum, counter)
+        return self._batch_norm_eager(input, running_mean, running_var, use_batch_stats,
+                                      momentum, counter)
 
     @torch.jit.unused
-    def _normalize(self, input: Tensor, running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], use_batch_stats: bool,
-                   momentum: Optional[float], counter: Optional[Tensor]) -> Tensor:
-        if _onnx.exporting():
+    def _batch_norm_eager(self, input: Tensor, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], use_batch_stats: bool,
+                          momentum: Optional[float], counter: Optional[Tensor]) -> Tensor:
+        if _onnx.exporting():  # torch.onnx.export(dynamo=True): see _onnx.py
             return _onnx.batch_norm(input, self.weight, self.bias, running_mean, running_var,
                                     use_batch_stats, self.eps)
         return _normalize(input, self.weight, self.bias, running_mean, running_var,
                           use_batch_stats, momentum, self.eps, counter)
 
 
-class _Forward(_OnOurKernel):
+class _Forward(OnOurKernel):
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             self._check_input_dim(input)
             return self._batch_norm(input)
-        return self._eager_forward(input)
+        return self._forward_eager(input)
 
     @torch.jit.unused
-    def _eager_forward(self, input: Tensor) -> Tensor:
+    def _forward_eager(self, input: Tensor) -> Tensor:
         if _traced_by_fx(self, input):
             return _fx_call_module(self, input)
         self._check_input_dim(input)
@@ -151,7 +162,7 @@ def _target_of(cls):
 def _keeps_torch_forward(cls):
     """A subclass of torch.nn.BatchNorm1d/2d/3d that is not ours and does not override
     forward: everything but the forward is its own, so ours can take over the forward."""
-    return (issubclass(cls, _NATIVE) and not issubclass(cls, _OnOurKernel)
+    return (issubclass(cls, _NATIVE) and not issubclass(cls, OnOurKernel)
             and cls.forward is torch.nn.modules.batchnorm._BatchNorm.forward)
 
 
@@ -223,7 +234,7 @@ def convert_model(module, sync=False):
         target = _target_of(cls)
         if target is not None:
             return _moved(m, target)
-        if isinstance(m, _NATIVE) and not isinstance(m, _OnOurKernel):
+        if isinstance(m, _NATIVE) and not isinstance(m, OnOurKernel):
             skipped.add(f"{cls.__module__}.{cls.__qualname__}")
         return None
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import ops
-from .modules import _fx_call_module, _OnOurKernel, _traced_by_fx
+from .modules import _fx_call_module, OnOurKernel, _traced_by_fx
 
 
 def merge_statistics(counts, means, m2s):
@@ -67,7 +67,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_OnOurKernel, torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(OnOurKernel, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm's constructor, parameters, buffers and state_dict, on the CPU.
 
     Not a subclass of torch.nn.SyncBatchNorm: DistributedDataParallel refuses those in CPU
@@ -97,8 +97,8 @@ class SyncBatchNorm(_OnOurKernel, torch.nn.modules.batchnorm._BatchNorm):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
         if world_size == 1:  # eval, no process group, or a group of one: plain batch norm
-            return self._normalize(input, running_mean, running_var, use_batch_stats, momentum,
-                                   counter)
+            return self._batch_norm_eager(input, running_mean, running_var, use_batch_stats,
+                                          momentum, counter)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, self.eps, momentum, counter, group,
                                             world_size)

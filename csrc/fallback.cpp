@@ -149,9 +149,9 @@ Tensor backward_apply(const Tensor& grad_output, const Tensor& input,
   const Tensor w = given(weight) ? weight->to(at::kDouble) : at::ones_like(invstd);
   const Tensor dy_mean = sums[0] / double(count);
   const Tensor projection = invstd * invstd * sums[1] / double(count);
-  const Tensor x = input.to(opmath);
+  const Tensor centred = input.to(opmath) - per_channel(mean.to(opmath), input);
   Tensor grad_input = (grad_output.to(opmath) - per_channel(dy_mean.to(opmath), input) -
-                       (x - per_channel(mean.to(opmath), input)) * per_channel(projection.to(opmath), input)) *
+                       centred * per_channel(projection.to(opmath), input)) *
                       per_channel((invstd * w).to(opmath), input);
   return grad_input.to(input.scalar_type()).contiguous(input.suggest_memory_format());
 }
