@@ -78,6 +78,11 @@ class OnOurKernel:
                           use_batch_stats, momentum, self.eps, counter)
 
 
+def batch_norm_arguments(module):
+    """OnOurKernel._batch_norm_arguments for any batch norm of torch.nn or ours."""
+    return OnOurKernel._batch_norm_arguments(module)
+
+
 class _Forward(OnOurKernel):
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
