@@ -1,12 +1,15 @@
 """Builds batchnorm_ext._C: the custom operators and their CPU kernels.
 
-The kernel source (csrc/cpu/batch_norm_kernel.h) is compiled once per instruction set
+The kernels (csrc/cpu/batch_norm_kernel.h and the headers it includes) are compiled once per instruction set
 (csrc/cpu/kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp, kernel_avx512bf16.cpp),
 each with its own -m flags; csrc/cpu/dispatch.cpp picks one at run time.  So the default build
 runs on any x86-64 CPU and still uses AVX-512 where there is one.
 """
 import os
 import platform
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -24,24 +27,60 @@ ISA_FLAGS = {
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
+def compiler_accepts(flags, code):
+    """Whether the C++ compiler builds `code` with `flags` (GCC before 10 has no
+    -mavx512bf16, for one)."""
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cpp")
+        with open(source, "w") as f:
+            f.write(code)
+        result = subprocess.run([compiler, *flags, "-c", source, "-o", os.path.join(tmp, "probe.o")],
+                                capture_output=True)
+    return result.returncode == 0
+
+
+AVX512_BF16 = X86 and compiler_accepts(ISA_FLAGS["avx512bf16"], """
+#include <immintrin.h>
+__m256i narrow(__m512 v) { return __m256i(_mm512_cvtneps_pbh(v)); }
+""")
+if X86 and not AVX512_BF16:
+    print("batchnorm_ext: the compiler does not take -mavx512bf16; building without the "
+          "AVX512_BF16 kernels (AVX512 serves those CPUs)")
+
+
 def isa_of(source):
     stem = os.path.splitext(os.path.basename(source))[0]
     return stem.rsplit("_", 1)[-1]
 
 
 class BuildWithIsaFlags(BuildExtension):
-    """BuildExtension compiles every source with the same flags; this adds ISA_FLAGS per file."""
+    """BuildExtension compiles every source with the same flags; this adds ISA_FLAGS per file.
+
+    Sources are grouped by flag set, and the groups are compiled at the same time, each
+    with its own ninja file in its own folder (one ninja run per group: a ninja file has
+    one set of flags), so the build is parallel across groups as well as within them.
+    """
 
     def build_extension(self, ext):
         compile_sources = self.compiler.compile
 
-        def compile_by_isa(sources, *args, extra_postargs=None, **kwargs):
-            objects = []
-            for isa in dict.fromkeys(isa_of(s) for s in sources):  # keeps source order
-                group = [s for s in sources if isa_of(s) == isa]
+        def compile_by_isa(sources, output_dir=None, *args, extra_postargs=None, **kwargs):
+            groups = {}  # flag set -> its sources, in source order
+            for source in sources:
+                groups.setdefault(isa_of(source) if isa_of(source) in ISA_FLAGS else "", []).append(source)
+
+            def compile_group(isa):
                 flags = list(extra_postargs or []) + ISA_FLAGS.get(isa, [])
-                objects += compile_sources(group, *args, extra_postargs=flags, **kwargs)
-            return objects
+                folder = os.path.join(output_dir or ".", isa or "common")
+                return compile_sources(groups[isa], folder, *args, extra_postargs=flags, **kwargs)
+
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(groups)))) as pool:
+                objects = dict(zip(groups, pool.map(compile_group, groups)))
+            # The objects in source order (see "Baseline objects come first" below).
+            by_source = {s: o for isa in groups for s, o in zip(groups[isa], objects[isa])}
+            return [by_source[s] for s in sources]
 
         self.compiler.compile = compile_by_isa
         try:
@@ -62,12 +101,13 @@ sources = [
     "csrc/cpu/kernel_default.cpp",
 ]
 if X86:
-    sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp",
-                "csrc/cpu/kernel_avx512bf16.cpp"]
+    sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
+    if AVX512_BF16:
+        sources += ["csrc/cpu/kernel_avx512bf16.cpp"]
 
 # BATCHNORM_EXT_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer build (see
 # scripts/sanitize.sh, which also preloads their runtimes into Python).
-SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-O1"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-O1", "-g1"]
 sanitize = os.environ.get("BATCHNORM_EXT_SANITIZE") == "1"
 
 setup(
@@ -79,8 +119,10 @@ setup(
         CppExtension(
             "batchnorm_ext._C",
             sources,
-            extra_compile_args=["-O3", "-fopenmp", "-DNDEBUG"]
+            # -g0: no debug information (Python's flags ask for it), which halves the build.
+            extra_compile_args=["-O3", "-g0", "-fopenmp", "-DNDEBUG"]
             + (["-DBATCHNORM_EXT_X86"] if X86 else [])
+            + (["-DBATCHNORM_EXT_AVX512_BF16"] if AVX512_BF16 else [])
             + (SANITIZE if sanitize else []),
             extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []),
         )

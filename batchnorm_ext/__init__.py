@@ -12,6 +12,7 @@ import torch  # noqa: F401  (first: _C links against torch's libraries, loaded b
 from . import _C
 from ._onnx import onnx_translation_table, register_torchscript_symbolic as _register_symbolic
 from ._ops import ops
+from . import _autograd, _vmap  # noqa: F401  (Python kernels: Autograd of batch_norm_forward, vmap rules)
 from .functional import batch_norm
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, OnOurKernel, convert_model,
                       fuser_method_mapping, register_conversion, revert_model,

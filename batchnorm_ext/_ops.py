@@ -37,18 +37,34 @@ def check_functional_args(input, training, eps):
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def check_inputs(input, weight, bias, running_mean, running_var, training):
-    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order."""
-    channels = input.shape[1] if input.dim() > 1 else 0
+def _given(weight, bias, running_mean, running_var):
+    """(name, tensor) for each parameter given, in the order of the checks."""
     named = [("weight", weight), ("bias", bias), ("running_mean", running_mean),
              ("running_var", running_var)]
-    given = [(name, p) for name, p in named if p is not None]
+    return [(name, p) for name, p in named if p is not None]
+
+
+def _check_size(input, name, p):
+    channels = input.shape[1] if input.dim() > 1 else 0
+    torch._check(p.numel() == channels, lambda: (
+        f"{name} should contain {channels} elements not {p.numel()}"))
+
+
+def check_sizes(input, weight, bias, running_mean, running_var):
+    """The sizes of the parameters, which native checks before the rest
+    (aten::_batch_norm_impl_index): under vmap, before its batching rule."""
+    for name, p in _given(weight, bias, running_mean, running_var):
+        _check_size(input, name, p)
+
+
+def check_inputs(input, weight, bias, running_mean, running_var, training):
+    """The checks of csrc/batch_norm_cpu.cpp (check_inputs), in the same order."""
+    given = _given(weight, bias, running_mean, running_var)
     for name, p in given:
         if p.device != input.device:
             raise RuntimeError(f"Tensor on device {p.device} is not on the expected device "
                                f"{input.device}!")
-        torch._check(p.numel() == channels, lambda: (
-            f"{name} should contain {channels} elements not {p.numel()}"))
+        _check_size(input, name, p)
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
@@ -82,10 +98,39 @@ def check_inputs(input, weight, bias, running_mean, running_var, training):
     return result
 
 
+def _dense(t):
+    return (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+            or t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _format_of_dense(t):
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.channels_last
+
+
+def output_format(input, *params):
+    """The output's memory format (csrc/batch_norm_cpu.cpp, output_format: native's rule)."""
+    if _dense(input) and all(p is None or p.is_contiguous() for p in params):
+        return _format_of_dense(input)
+    return suggest_memory_format(input)
+
+
+def grad_format(input, grad_output):
+    """grad_input's memory format (csrc/batch_norm_cpu.cpp, grad_format)."""
+    if _dense(input) and _dense(grad_output) and \
+            suggest_memory_format(input) == suggest_memory_format(grad_output):
+        return _format_of_dense(input)
+    return suggest_memory_format(input)
+
+
 @torch.library.register_fake("batchnorm_ext::batch_norm_forward")
 def _forward_fake(input, weight, bias, running_mean, running_var, training, eps):
     check_inputs(input, weight, bias, running_mean, running_var, training)
-    output = torch.empty_like(input, memory_format=suggest_memory_format(input))
+    output = torch.empty_like(input, memory_format=output_format(input, weight, bias, running_mean,
+                                                                 running_var))
     stat_size = input.shape[1] if training else 0
     save_mean = input.new_empty((stat_size,), dtype=torch.float64)
     save_var = input.new_empty((stat_size,), dtype=torch.float64)
@@ -99,7 +144,7 @@ def _backward_fake(grad_output, input, weight, running_mean, running_var, save_m
     channels = input.shape[1]
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
-        grad_input = torch.empty_like(input, memory_format=suggest_memory_format(input))
+        grad_input = torch.empty_like(input, memory_format=grad_format(input, grad_output))
     if output_mask[1]:
         grad_weight = input.new_empty((channels,), dtype=param_dtype)
     if output_mask[2]:
@@ -133,7 +178,7 @@ def _stats_fake(input):
 def _apply_fake(input, weight, bias, mean, var, eps):
     check_inputs(input, weight, bias, None, None, True)
     _check_batch_statistics(input, mean, var)
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    return torch.empty_like(input, memory_format=output_format(input, weight, bias))
 
 
 @torch.library.register_fake("batchnorm_ext::batch_norm_backward_reduce")
@@ -147,4 +192,4 @@ def _backward_reduce_fake(grad_output, input, mean, var, eps):
 def _backward_apply_fake(grad_output, input, weight, mean, var, sums, count, eps):
     check_inputs(input, weight, None, None, None, True)
     _check_batch_statistics(input, mean, var)
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    return torch.empty_like(input, memory_format=grad_format(input, grad_output))

@@ -1,17 +1,25 @@
-// Autograd for the operators, in C++ so that the eager path stays short, and the
-// composite batch_norm that modules call.
+// The composite batch_norm that modules call, with its eager fast path in C++, and the
+// autograd of batch_norm_backward.
+//
+// batch_norm_forward's Autograd kernel is in Python (batchnorm_ext/_autograd.py): a Python
+// autograd.Function, which functorch transforms (vmap, grad, jvp, jacrev, hessian) accept
+// and which has a jvp; a C++ autograd::Function has neither.  It costs ~2 us more per
+// forward call and ~10 us more with the backward, so plain eager calls (no transform, no
+// forward-mode AD) skip it: the composite applies the C++ BatchNormFunction below directly,
+// without the dispatcher.
 //
 // batch_norm_forward's backward calls batch_norm_backward.  batch_norm_backward is itself
-// differentiable: when a gradient of the gradient is wanted (create_graph=True), it is
-// computed from ATen operations that autograd can differentiate again; otherwise it runs
-// the kernel.  Forward-mode AD is in Python (batchnorm_ext/functional.py): a C++ autograd
-// Function has no jvp.
+// differentiable: when a derivative of the gradient is wanted (create_graph=True, or a
+// tangent under forward-mode AD), it is computed from ATen operations that autograd can
+// differentiate again; otherwise it runs the kernel.
 #include "checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -59,6 +67,36 @@ const auto& update_op() {
   return op;
 }
 
+// Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level, which
+// torch.func.jvp opens too; there is at most one, level 0): no tangent exists otherwise.
+bool dual_level_open() { return torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr; }
+
+// Whether `t` carries a forward-mode AD tangent (level 0: the only one outside functorch,
+// and the one each functorch jvp level uses for its own wrappers).
+bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+
+// Whether batch_norm_forward must go through the dispatcher to its Python Autograd kernel:
+// a functorch transform is active (vmap and grad layers dispatch from this TLS key; the C++
+// autograd::Function refuses them), or the input, weight or bias has a forward-mode tangent
+// (the C++ Function has no jvp).
+bool needs_python_autograd(const Tensor& input, const optional<Tensor>& weight,
+                           const optional<Tensor>& bias) {
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    return true;
+  }
+  // No tangent exists outside a dual level: one look at the levels rather than one lock
+  // per tensor in the common case.
+  if (!dual_level_open()) return false;
+  return has_tangent(input) || (given(weight) && has_tangent(*weight)) ||
+         (given(bias) && has_tangent(*bias));
+}
+
+// A running statistic without its tangent, if it has one: native ignores those, and the C++
+// Function, which has no jvp, would refuse it.
+optional<Tensor> without_tangent(const optional<Tensor>& t) {
+  return given(t) && has_tangent(*t) ? optional<Tensor>(t->_fw_primal(/*level=*/0)) : t;
+}
+
 // Running statistics are buffers, never differentiated: as native, refuse ones that require grad.
 void check_not_requiring_grad(const optional<Tensor>& running_mean,
                               const optional<Tensor>& running_var) {
@@ -71,6 +109,8 @@ void check_not_requiring_grad(const optional<Tensor>& running_mean,
   }
 }
 
+// batch_norm_forward's autograd on the eager fast path (the composite batch_norm with no
+// transform and no tangent).  The operator's own Autograd kernel, in Python, does the same.
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
@@ -118,17 +158,6 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     return {grad_input, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
-
-ForwardResult batch_norm_forward_autograd(const Tensor& input, const optional<Tensor>& weight,
-                                          const optional<Tensor>& bias,
-                                          const optional<Tensor>& running_mean,
-                                          const optional<Tensor>& running_var, bool training,
-                                          double eps) {
-  check_not_requiring_grad(running_mean, running_var);
-  const variable_list out =
-      BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, eps);
-  return {out[0], out[1], out[2]};
-}
 
 // batch_norm_backward written with differentiable ATen operations: used only when its own
 // result must be differentiated (double backward).  The batch statistics are recomputed
@@ -178,9 +207,14 @@ ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tens
                                            const Tensor& save_mean, const Tensor& save_var,
                                            bool training, double eps, std::array<bool, 3> mask,
                                            optional<c10::ScalarType> param_dtype) {
-  const bool differentiate = at::GradMode::is_enabled() &&
-                             (grad_output.requires_grad() || input.requires_grad() ||
-                              (given(weight) && weight->requires_grad()));
+  // A tangent (forward-mode AD: dual tensors, torch.func.jvp, jacfwd, hessian) needs the
+  // differentiable form as much as requires_grad does: the kernel would drop it silently.
+  const bool differentiate =
+      (at::GradMode::is_enabled() &&
+       (grad_output.requires_grad() || input.requires_grad() ||
+        (given(weight) && weight->requires_grad()))) ||
+      (dual_level_open() && (has_tangent(grad_output) || has_tangent(input) ||
+                             (given(weight) && has_tangent(*weight))));
   if (differentiate) {
     return differentiable_backward(grad_output, input, weight, running_mean, running_var,
                                    training, eps, mask, param_dtype);
@@ -230,8 +264,22 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
   }
   // The running statistics go to the forward in training too (it checks them, and does
   // not read or save them there).
-  auto [output, save_mean, save_var] =
-      forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
+  Tensor output, save_mean, save_var;
+  if (needs_python_autograd(input, weight, bias)) {
+    std::tie(output, save_mean, save_var) =
+        forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
+  } else {  // the eager fast path: the C++ Function, no dispatcher round trip
+    check_not_requiring_grad(running_mean, running_var);
+    const bool stat_tangent = dual_level_open() &&
+                              ((given(running_mean) && has_tangent(*running_mean)) ||
+                               (given(running_var) && has_tangent(*running_var)));
+    const variable_list out =
+        stat_tangent ? BatchNormFunction::apply(input, weight, bias, without_tangent(running_mean),
+                                                without_tangent(running_var), training, eps)
+                     : BatchNormFunction::apply(input, weight, bias, running_mean, running_var,
+                                                training, eps);
+    output = out[0], save_mean = out[1], save_var = out[2];
+  }
   if (training && given(running_mean)) {
     at::NoGradGuard no_grad;
     Tensor rm = *running_mean, rv = *running_var;
@@ -244,11 +292,18 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchnorm_ext, Autograd, m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_autograd);
   m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 TORCH_LIBRARY_IMPL(batchnorm_ext, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm", &batch_norm);
+}
+
+// Under vmap the batched key comes before the composite kernel (and the batched fallback
+// refuses an operator that mutates its arguments): decompose there too, as functorch does
+// for ATen's composite operators.  The steps reach the vmap rules of batch_norm_forward and
+// update_running_stats_ (batchnorm_ext/_vmap.py), which hold native's semantics.
+TORCH_LIBRARY_IMPL(batchnorm_ext, FuncTorchBatched, m) {
   m.impl("batch_norm", &batch_norm);
 }
 

@@ -95,6 +95,37 @@ c10::ScalarType check_inputs(const Tensor& input, const optional<Tensor>& weight
 
 namespace {
 
+// The memory format of the output, by native's rule (batch_norm_cpu in ATen's
+// Normalization.cpp): an input dense in some format, with contiguous parameters, keeps that
+// format, and strides that are more than one format at once (size-1 dimensions) count as
+// contiguous first, then channels-last-3d, then channels-last; anything else gets
+// suggest_memory_format().  The kernels then read the input in that format.
+bool dense(const Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+at::MemoryFormat format_of_dense(const Tensor& t) {
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? at::MemoryFormat::ChannelsLast3d
+                                                           : at::MemoryFormat::ChannelsLast;
+}
+
+at::MemoryFormat output_format(const Tensor& input,
+                               std::initializer_list<const optional<Tensor>*> params) {
+  bool all_dense = dense(input);
+  for (const optional<Tensor>* p : params) all_dense = all_dense && (!given(*p) || (*p)->is_contiguous());
+  return all_dense ? format_of_dense(input) : input.suggest_memory_format();
+}
+
+// The same for grad_input (batch_norm_backward_cpu_template): the input's format when input
+// and grad_output are both dense and suggest the same one.
+at::MemoryFormat grad_format(const Tensor& input, const Tensor& grad_output) {
+  const bool both_dense = dense(input) && dense(grad_output) &&
+                          input.suggest_memory_format() == grad_output.suggest_memory_format();
+  return both_dense ? format_of_dense(input) : input.suggest_memory_format();
+}
+
 // A parameter as a contiguous tensor for the kernels, or nullptr when absent.
 Tensor contiguous_or_undefined(const optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : Tensor();
@@ -150,26 +181,46 @@ cpu::BackwardArgs backward_args(const Tensor& dy, const Tensor& x, at::MemoryFor
   return args;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
+// The activation of a fused batch norm, by name (the schemas take a string).
+cpu::Activation activation_named(c10::string_view name) {
+  if (name == "identity") return cpu::Activation::Identity;
+  if (name == "relu") return cpu::Activation::ReLU;
+  if (name == "silu") return cpu::Activation::SiLU;
+  TORCH_CHECK_VALUE(false, "batch_norm: activation must be 'identity', 'relu' or 'silu', got '",
+                    std::string(name), "'");
+}
+
+// A residual (or a saved output) goes with the input: same sizes, dtype and device, read
+// in the input's layout.
+void check_like_input(const Tensor& input, const Tensor& t, const char* what) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "batch_norm: ", what, " of size ", t.sizes(),
+              " does not match input of size ", input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "batch_norm: ", what, " has dtype ",
+              t.scalar_type(), " but input has ", input.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "batch_norm: ", what, " is on ", t.device(),
+              " but input is on ", input.device());
+}
+
+// The training or eval forward, with an optional fused epilogue: output =
+// activation(batch_norm(input) + residual).
+std::tuple<Tensor, Tensor, Tensor> forward_with_epilogue(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-    double eps) {
+    double eps, const optional<Tensor>& residual, cpu::Activation activation) {
   const c10::ScalarType param_type =
       check_inputs(input, weight, bias, running_mean, running_var, training);
+  if (given(residual)) check_like_input(input, *residual, "residual");
 
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = output_format(input, {&weight, &bias, &running_mean, &running_var});
   const Tensor x = input.contiguous(format);
+  const Tensor r = given(residual) ? residual->contiguous(format) : Tensor();
   Tensor output = at::empty_like(x, format);
   const auto stat_options = input.options().dtype(at::kDouble);
   const int64_t channels = input.size(1);
   Tensor save_mean = at::empty({training ? channels : 0}, stat_options);
   Tensor save_var = at::empty({training ? channels : 0}, stat_options);
-  if (x.numel() == 0) {  // nothing to normalize; the statistics of nothing are NaN
-    save_mean.fill_(NAN);
-    save_var.fill_(NAN);
-    return {output, save_mean, save_var};
-  }
-
+  // An empty input goes to the kernels too: they write NaN statistics (of nothing) and
+  // nothing else.
   const Tensor w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
   const Tensor rm = training ? Tensor() : contiguous_or_undefined(running_mean);
   const Tensor rv = training ? Tensor() : contiguous_or_undefined(running_var);
@@ -178,15 +229,35 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   args.save_var = training ? save_var.mutable_data_ptr() : nullptr;
   args.running_mean = data_or_null(rm);
   args.running_var = data_or_null(rv);
+  args.residual = data_or_null(r);
+  args.activation = activation;
   cpu::active_kernels().forward(args);
   return {output, save_mean, save_var};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
-    std::array<bool, 3> output_mask, optional<c10::ScalarType> param_dtype) {
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+    double eps) {
+  return forward_with_epilogue(input, weight, bias, running_mean, running_var, training, eps,
+                               std::nullopt, cpu::Activation::Identity);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+    double eps, const optional<Tensor>& residual, c10::string_view activation) {
+  const cpu::Activation act = activation_named(activation);
+  return forward_with_epilogue(input, weight, bias, running_mean, running_var, training, eps,
+                               residual, act);
+}
+
+// The parameter dtype of the forward, which the backward cannot always tell: when only a
+// bias was given (not an argument of the backward), param_dtype says it.
+c10::ScalarType backward_param_type(const Tensor& input, const optional<Tensor>& weight,
+                                    const optional<Tensor>& running_mean,
+                                    const optional<Tensor>& running_var, bool training,
+                                    optional<c10::ScalarType> param_dtype) {
   c10::ScalarType param_type =
       check_inputs(input, weight, std::nullopt, running_mean, running_var, training);
   if (param_dtype.has_value() && *param_dtype != param_type) {
@@ -198,6 +269,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
                 param_type, ")");
     param_type = *param_dtype;
   }
+  return param_type;
+}
+
+// The backward, with an optional fused epilogue (see forward_with_epilogue): output is
+// the forward's output (ReLU's mask), residual the forward's residual (SiLU recomputes
+// its input from it), has_residual whether the forward had one (then grad_residual is
+// computed, and returned when output_mask[3] asks for it).
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_with_epilogue(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const Tensor& save_mean, const Tensor& save_var,
+    bool training, double eps, std::array<bool, 4> output_mask,
+    optional<c10::ScalarType> param_dtype, cpu::Activation activation,
+    const optional<Tensor>& output, const optional<Tensor>& residual, bool has_residual) {
+  const c10::ScalarType param_type =
+      backward_param_type(input, weight, running_mean, running_var, training, param_dtype);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output of size ",
               grad_output.sizes(), " does not match input of size ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
@@ -211,29 +298,70 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
                 "batch_norm_backward: save_mean and save_var must be the batch statistics "
                 "returned by batch_norm_forward in training");
   }
+  const bool reads_output = activation == cpu::Activation::ReLU;
+  const bool needs_z = activation == cpu::Activation::SiLU;
+  TORCH_CHECK(!reads_output || given(output),
+              "batch_norm_act_backward: the relu backward needs the forward's output");
+  TORCH_CHECK(!(needs_z && has_residual) || given(residual),
+              "batch_norm_act_backward: the silu backward needs the forward's residual");
+  if (given(output)) check_like_input(input, *output, "output");
+  if (given(residual)) check_like_input(input, *residual, "residual");
+  if (needs_z) check_parameter(input, bias, "bias");
 
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format);
   const Tensor dy = grad_output.contiguous(format);
+  const Tensor y = reads_output ? output->contiguous(format) : Tensor();
+  const Tensor r = needs_z && has_residual ? residual->contiguous(format) : Tensor();
   const auto param_options = input.options().dtype(param_type);
   Tensor grad_input = output_mask[0] ? at::empty_like(x, format) : Tensor();
   Tensor grad_weight = output_mask[1] ? at::empty({channels}, param_options) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({channels}, param_options) : Tensor();
-  if (x.numel() == 0) {  // every sum is over nothing
-    if (grad_weight.defined()) grad_weight.zero_();
-    if (grad_bias.defined()) grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias};
-  }
+  // With a residual the kernels always write its gradient (dz, which grad_input is then
+  // computed from), wanted or not.
+  Tensor grad_residual = has_residual ? at::empty_like(x, format) : Tensor();
+  // An empty input goes to the kernels too: every sum over nothing is 0.
 
   const Tensor w = contiguous_or_undefined(weight);
+  const Tensor b = needs_z ? contiguous_or_undefined(bias) : Tensor();
   const Tensor mean = training ? save_mean.contiguous() : contiguous_or_undefined(running_mean);
   const Tensor var = training ? save_var.contiguous() : contiguous_or_undefined(running_var);
   cpu::BackwardArgs args = backward_args(dy, x, format, param_type, w, mean, var, eps, training);
   args.grad_input = grad_input.defined() ? grad_input.mutable_data_ptr() : nullptr;
   args.grad_weight = grad_weight.defined() ? grad_weight.mutable_data_ptr() : nullptr;
   args.grad_bias = grad_bias.defined() ? grad_bias.mutable_data_ptr() : nullptr;
+  args.activation = activation;
+  args.output = data_or_null(y);
+  args.bias = data_or_null(b);
+  args.residual = data_or_null(r);
+  args.grad_residual = grad_residual.defined() ? grad_residual.mutable_data_ptr() : nullptr;
   cpu::active_kernels().backward(args);
+  return {grad_input, grad_weight, grad_bias, output_mask[3] ? grad_residual : Tensor()};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    std::array<bool, 3> output_mask, optional<c10::ScalarType> param_dtype) {
+  auto [grad_input, grad_weight, grad_bias, _] = backward_with_epilogue(
+      grad_output, input, weight, std::nullopt, running_mean, running_var, save_mean, save_var,
+      training, eps, {output_mask[0], output_mask[1], output_mask[2], false}, param_dtype,
+      cpu::Activation::Identity, std::nullopt, std::nullopt, false);
   return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_output, const optional<Tensor>& output, const Tensor& input,
+    const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    const optional<Tensor>& residual, bool has_residual, c10::string_view activation,
+    std::array<bool, 4> output_mask, optional<c10::ScalarType> param_dtype) {
+  const cpu::Activation act = activation_named(activation);
+  return backward_with_epilogue(grad_output, input, weight, bias, running_mean, running_var,
+                                save_mean, save_var, training, eps, output_mask, param_dtype, act,
+                                output, residual, has_residual);
 }
 
 // running = f * batch + (1 - f) * running, with the unbiased variance, computed in the
@@ -291,10 +419,12 @@ void check_batch_statistics(const Tensor& input, const Tensor& mean, const Tenso
 // The mean and biased variance of every channel (float64); zeros for an empty input.
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   check_inputs(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true);
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = output_format(input, {});
   const Tensor x = input.contiguous(format);
   const auto options = input.options().dtype(at::kDouble);
   Tensor mean = at::zeros({input.size(1)}, options), var = at::zeros({input.size(1)}, options);
+  // An empty batch (a process with no values in SyncBatchNorm): zeros, which merge as
+  // nothing (its count is 0), where the kernels would give NaN.
   if (x.numel() == 0) return {mean, var};
   cpu::ForwardArgs args = forward_args(x, format, input.scalar_type(), /*output=*/nullptr,
                                        Tensor(), Tensor(), 0.0, /*training=*/true);
@@ -311,7 +441,7 @@ Tensor batch_norm_apply_cpu(const Tensor& input, const optional<Tensor>& weight,
   const c10::ScalarType param_type =
       check_inputs(input, weight, bias, std::nullopt, std::nullopt, true);
   check_batch_statistics(input, mean, var);
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = output_format(input, {&weight, &bias});
   const Tensor x = input.contiguous(format);
   Tensor output = at::empty_like(x, format);
   if (x.numel() == 0) return output;
@@ -333,7 +463,7 @@ Tensor batch_norm_backward_reduce_cpu(const Tensor& grad_output, const Tensor& i
               "batch_norm_backward_reduce: grad_output must match input in size and dtype");
   Tensor sums = at::zeros({2, input.size(1)}, input.options().dtype(at::kDouble));
   if (input.numel() == 0) return sums;
-  const at::MemoryFormat format = input.suggest_memory_format();
+  const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
   const Tensor m = mean.contiguous(), v = var.contiguous();
   cpu::BackwardArgs args =
@@ -355,7 +485,9 @@ Tensor batch_norm_backward_apply_cpu(const Tensor& grad_output, const Tensor& in
               "batch_norm_backward_apply: grad_output must match input in size and dtype");
   TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 2 * input.size(1),
               "batch_norm_backward_apply: sums must be a (2, C) float64 tensor");
-  const at::MemoryFormat format = input.suggest_memory_format();
+  TORCH_CHECK(count > 0 || input.numel() == 0,
+              "batch_norm_backward_apply: count must be positive, got ", count);
+  const at::MemoryFormat format = grad_format(input, grad_output);
   const Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
   Tensor grad_input = at::empty_like(x, format);
   if (x.numel() == 0) return grad_input;
@@ -379,6 +511,8 @@ TORCH_LIBRARY_IMPL(batchnorm_ext, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("update_running_stats_", &update_running_stats_cpu);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
 }
 
 }  // namespace batchnorm_ext

@@ -1,6 +1,8 @@
-// The operator schemas.  Kernels are registered elsewhere: CPU in batch_norm_cpu.cpp,
-// Autograd and CompositeImplicitAutograd in autograd.cpp, fake (meta) ones in Python
-// (batchnorm_ext/_ops.py).
+// The operator schemas.  Kernels are registered elsewhere: CPU in batch_norm_cpu.cpp;
+// CompositeImplicitAutograd (and its decomposition under vmap) and batch_norm_backward's
+// Autograd in autograd.cpp; in Python, batch_norm_forward's Autograd
+// (batchnorm_ext/_autograd.py), the vmap rules (batchnorm_ext/_vmap.py) and the fake (meta)
+// kernels (batchnorm_ext/_ops.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(batchnorm_ext, m) {
@@ -42,6 +44,23 @@ TORCH_LIBRARY(batchnorm_ext, m) {
   m.def(
       "batch_norm_backward_apply(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
       "Tensor var, Tensor sums, SymInt count, float eps) -> Tensor");
+
+  // Fused batch norm: output = activation(batch_norm(input) + residual), activation one of
+  // 'identity', 'relu', 'silu', residual (shaped as input) optional; otherwise as
+  // batch_norm_forward.  The backward returns the gradients with respect to input, weight,
+  // bias and residual (output_mask says which); it takes the forward's output (read by
+  // relu's backward), its residual (read by silu's, which recomputes the value before the
+  // activation) and bias (silu's too), and whether there was a residual.
+  m.def(
+      "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, Tensor? residual, str activation) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor? output, Tensor input, Tensor? weight, "
+      "Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor save_mean, "
+      "Tensor save_var, bool training, float eps, Tensor? residual, bool has_residual, "
+      "str activation, bool[4] output_mask, ScalarType? param_dtype=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 
   // What torch.nn.functional.batch_norm does, in one call: checks, forward, and in
   // training the update of the running statistics.

@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 out=build-sanitize
+echo "[sanitize] compiling batchnorm_ext with AddressSanitizer + UndefinedBehaviorSanitizer into $out/"
 rm -rf "$out/lib"
-BATCHNORM_EXT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python setup.py -q build_ext \
+BATCHNORM_EXT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)} .venv/bin/python setup.py -q build_ext \
   --build-temp "$out/tmp" --build-lib "$out/lib" >/dev/null
 cp batchnorm_ext/*.py "$out/lib/batchnorm_ext/"
 root=$PWD

@@ -13,18 +13,31 @@ settings.register_profile("long", max_examples=5000, deadline=None,
 settings.load_profile(os.environ.get("BATCHNORM_EXT_FUZZ", "ci"))
 
 import batchnorm_ext
+from helpers import ALL_BUILDS, available_capabilities
 
 
-def available_capabilities():
-    """The kernel builds this CPU can run, best first."""
-    order = ["AVX512_BF16", "AVX512", "AVX2", "DEFAULT"]
-    best = batchnorm_ext.cpu_capability()
-    return order[order.index(best):]
+def pytest_report_header(config):
+    """Says which kernel builds the `capability` tests run: on a CPU without AVX-512 (or
+    without its bfloat16 instructions) fewer than all of them."""
+    return report_header_lines()
+
+
+def report_header_lines():
+    tested = available_capabilities()
+    untested = [b for b in ALL_BUILDS if b not in tested]
+    why = "this CPU cannot run them"
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        why += f", or ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} rules them out"
+    return [f"batchnorm_ext kernel builds tested: {', '.join(tested)}",
+            f"batchnorm_ext kernel builds NOT tested ({why}): " + (", ".join(untested) or "none")]
 
 
 @pytest.fixture(params=available_capabilities())
 def capability(request):
-    """Runs a test once with each kernel build (AVX-512, AVX2, plain)."""
+    """Runs a test once with each kernel build this CPU can run: AVX512_BF16 (AVX-512 with
+    the bfloat16 conversion instructions), AVX512, AVX2 and DEFAULT (plain x86-64).  On a
+    CPU without some of them, fewer builds are tested: the report header says which, and
+    tests/test_kernel_builds.py checks the list against the CPU's flags."""
     previous = batchnorm_ext.cpu_capability()
     batchnorm_ext.set_cpu_capability(request.param)
     yield request.param

@@ -1,6 +1,18 @@
 """Shared by the tests: input layouts, tolerances, and running a step natively and ours."""
 import torch
 
+import batchnorm_ext
+
+# The kernel builds of batchnorm_ext, best first (csrc/cpu/dispatch.cpp, kChoices).
+ALL_BUILDS = ["AVX512_BF16", "AVX512", "AVX2", "DEFAULT"]
+# The build chosen at start-up, before any test switches builds.
+BEST_BUILD = batchnorm_ext.cpu_capability()
+
+
+def available_capabilities():
+    """The kernel builds this CPU can run, best first."""
+    return ALL_BUILDS[ALL_BUILDS.index(BEST_BUILD):]
+
 # How close ours must be to native, per dtype.  Both round to the dtype at the end, so
 # they may differ by about one unit in the last place of the output dtype: ~1e-7 relative
 # for float32, 2**-8 for bfloat16, 2**-11 for float16 (the tolerances below are a few ulp).
@@ -43,4 +55,17 @@ def assert_close(ours, native, dtype=None, scale=1.0, **kwargs):
 
 
 def leaf(t, requires_grad=True):
+    """A leaf copy of t.  clone() keeps the strides of a dense tensor only: a copy of a
+    "sliced" input is contiguous.  Use strided_leaf to keep them."""
     return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
+def strided_leaf(t):
+    """(leaf, view): a leaf that requires grad, holding a copy of all of t's storage, and
+    the view of it with t's shape, strides and offset, to pass on; view.grad (retained)
+    is the gradient with respect to the view."""
+    storage = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    base = storage.detach().clone().requires_grad_()
+    view = base.as_strided(t.shape, t.stride(), t.storage_offset())
+    view.retain_grad()
+    return base, view

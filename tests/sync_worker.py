@@ -50,13 +50,14 @@ def run(rank, world_size, init_file, out_dir, scenarios, ddp_steps):
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {}
-    for name, (seed, batches, layout, momentum, affine, steps) in scenarios.items():
+    for name, (seed, batches, layout, momentum, affine, steps, dtype, param_dtype) in scenarios.items():
         state = module_state(seed, momentum, affine)
         bn = batchnorm_ext.SyncBatchNorm(CHANNELS, momentum=momentum, affine=affine)
         bn.load_state_dict(state)
+        bn.to(param_dtype)
         outputs = []
         for step in range(steps):
-            x, grad = full_batch(seed + step, sum(batches), layout)
+            x, grad = full_batch(seed + step, sum(batches), layout, dtype)
             start = sum(batches[:rank])
             mine = x[start:start + batches[rank]].clone().requires_grad_()
             y = bn(mine)

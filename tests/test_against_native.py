@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm_ext
-from helpers import LAYOUTS, assert_close, leaf, make_input
+from helpers import LAYOUTS, assert_close, leaf, make_input, strided_leaf
 
 SHAPES = [
     (2, 3, 4, 4),      # the seed example's shape
@@ -26,13 +26,26 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def run(fn, x, weight, bias, running_mean, running_var, training, grad):
-    """fn's output, input/weight/bias gradients and the running statistics after one call."""
-    x, weight, bias = leaf(x), leaf(weight), leaf(bias)
+    """fn's output, input/weight/bias gradients and the running statistics after one call,
+    on an input with x's strides (a leaf copy of a sliced x would be contiguous)."""
+    _, x = strided_leaf(x)
+    weight, bias = leaf(weight), leaf(bias)
     running_mean = None if running_mean is None else running_mean.clone()
     running_var = None if running_var is None else running_var.clone()
     out = fn(x, running_mean, running_var, weight, bias, training=training)
     out.backward(grad)
     return out, x.grad, weight.grad, bias.grad, running_mean, running_var
+
+
+# What each layout must be, so that no case silently tests another.
+IS_LAYOUT = {
+    "contiguous": lambda t: t.is_contiguous(),
+    "channels_last": lambda t: t.dim() not in (4, 5) or t.is_contiguous(
+        memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d),
+    "sliced": lambda t: t.stride(-1) == 2 and not t.is_contiguous(),  # not dense
+    # (Two last dimensions of size 1 swapped are the same memory as contiguous.)
+    "permuted": lambda t: (t.stride(-2) == 1 and not t.is_contiguous()) or min(t.shape[-2:]) == 1,
+}
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -47,6 +60,7 @@ def test_functional_matches_native(shape, layout, dtype, training):
     running_mean = torch.randn(channels, dtype=dtype)
     running_var = torch.rand(channels, dtype=dtype) + 0.5
     grad = make_input(shape, dtype, "contiguous")
+    assert IS_LAYOUT[layout](x) and IS_LAYOUT[layout](strided_leaf(x)[1]), x.stride()
 
     ours = run(batchnorm_ext.batch_norm, x, weight, bias, running_mean, running_var, training, grad)
     native = run(F.batch_norm, x, weight, bias, running_mean, running_var, training, grad)

@@ -1,6 +1,9 @@
 """Reliability: adversarial numerics against a float64 oracle, bit-identical results for
 any thread count, concurrent calls, no memory growth, and 64-bit indexing."""
 import gc
+import math
+import mmap
+import sys
 import threading
 
 import pytest
@@ -73,28 +76,63 @@ def test_tiny_variance(std, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_denormal_inputs(layout):
-    """Denormal values (below float32's smallest normal): handled like any others."""
+    """Denormal values (~1e-39, below float32's smallest normal) normalized as any others:
+    every result against a float64 computation of the same input, as accurate as native's.
+    No bias (and a unit weight), so that the output is (x - mean) / sqrt(eps), ~1e-37:
+    a kernel that ignored or flushed the input would give zeros, off by all of it."""
     x = make_input((6, 4, 7, 7), torch.float32, layout, scale=1e-39)
-    errors, results = errors_against_oracle(x, torch.float32, layout)
-    assert all(torch.isfinite(t).all() for t in results["ours"])
-    torch.testing.assert_close(results["ours"][0], results["native"][0], rtol=1e-4, atol=1e-4)
+    assert (x != 0).all() and (x.abs() < torch.finfo(torch.float32).tiny).all()
+    grad = make_input((6, 4, 7, 7), torch.float32, layout)
+    results = {}
+    for name, fn, dtype in [("ours", batchnorm_ext.batch_norm, torch.float32),
+                            ("native", F.batch_norm, torch.float32),
+                            ("oracle", F.batch_norm, torch.float64)]:
+        results[name] = forward_backward(fn, x.to(dtype), torch.ones(4, dtype=dtype),
+                                         torch.zeros(4, dtype=dtype),
+                                         [torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)],
+                                         grad=grad.to(dtype))
+    names = ["output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var"]
+    # The output and grad_weight depend on the denormals only; so does running_mean.
+    assert results["oracle"][0].abs().max() > 1e-37
+    assert results["oracle"][2].abs().max() > 1e-36
+    assert results["oracle"][4].abs().max() > 1e-42
+    for name, ours, native, oracle in zip(names, results["ours"], results["native"], results["oracle"]):
+        ours_error = (ours.double() - oracle).abs().max().item()
+        native_error = (native.double() - oracle).abs().max().item()
+        # Float32 rounding of the largest result, and no less than half the spacing of
+        # float32 denormals (2**-150): a denormal result cannot be closer than that.
+        rounding = max(2 * torch.finfo(torch.float32).eps * oracle.abs().max().item(), 2.0**-150)
+        assert ours_error <= max(native_error, rounding), (name, ours_error, native_error)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype,big", [(torch.float16, 6e4), (torch.bfloat16, 3e38),
                                        (torch.float32, 3e38)])
 def test_near_overflow(dtype, big, layout):
-    """Values near the dtype's largest: no inf or NaN where native has none (float32 sums
-    would overflow; those blocks are redone in double)."""
+    """Values near the dtype's largest (float32 sums of them overflow; those blocks are
+    redone in double): output and running statistics against a float64 computation of the
+    same input, rounded to the dtype.  (Native is no yardstick here: its float32 and
+    bfloat16 outputs are NaN or zero.)  The running variance (~1e76, or 4e9 for half)
+    overflows the dtype: it must be inf, as the float64 one rounded."""
     x = (torch.randn(8, 4, 6, 6).sign() * big * torch.rand(8, 4, 6, 6).clamp(0.5, 1)).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     outputs = {}
-    for name, fn in [("ours", batchnorm_ext.batch_norm), ("native", F.batch_norm)]:
-        running = [torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)]
-        outputs[name] = (fn(x, *running, training=True), *running)
-    for ours, native in zip(outputs["ours"], outputs["native"]):
-        assert not (~torch.isfinite(ours) & torch.isfinite(native)).any()
-    assert torch.isfinite(outputs["ours"][0]).all()
+    for name, fn, d in [("ours", batchnorm_ext.batch_norm, dtype), ("oracle", F.batch_norm, torch.float64)]:
+        running = [torch.zeros(4, dtype=d), torch.ones(4, dtype=d)]
+        outputs[name] = (fn(x.to(d), *running, training=True), *running)
+    for name, ours, oracle in zip(["output", "running_mean", "running_var"], outputs["ours"],
+                                  outputs["oracle"]):
+        assert ours.dtype == dtype
+        rounded = oracle.to(dtype)
+        finite = rounded.isfinite()
+        assert torch.equal(ours[~finite], rounded[~finite]), name  # inf where float64's is
+        assert finite.any() or name == "running_var", name
+        error = (ours[finite].double() - oracle[finite]).abs().max().item() if finite.any() else 0.0
+        # Two ulps of the dtype at the largest finite result (the output is ~1, the running
+        # mean ~1e36 for bfloat16 and float32).
+        ulp = torch.finfo(dtype).eps * (oracle[finite].abs().max().item() if finite.any() else 0.0)
+        assert error <= 2 * ulp, (name, error, ulp)
+    assert outputs["ours"][0].isfinite().all()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -126,7 +164,10 @@ def test_nan_and_inf_propagate_as_native(bad, dtype, layout):
 THREAD_COUNTS = [1, 2, 3, 4, 8]
 DETERMINISM_CASES = [((16, 3, 40, 40), "contiguous"), ((8, 64, 10, 10), "contiguous"),
                      ((16, 3, 40, 40), "channels_last"), ((8, 100, 9, 9), "channels_last"),
-                     ((512, 7), "contiguous"), ((4, 5, 6, 7, 8), "channels_last")]
+                     ((512, 7), "contiguous"), ((4, 5, 6, 7, 8), "channels_last"),
+                     # C = 8 and 51200 values: by channel for 1 and 2 threads (C >= 4 * threads),
+                     # blocks spread over the threads for 3 and more (channels_first_reduce_apply).
+                     ((16, 8, 20, 20), "contiguous")]
 
 
 def run_everything(x, dtype):
@@ -217,6 +258,70 @@ def test_no_memory_growth_over_thousands_of_calls():
     round_of_calls(3000)
     growth = resident_kib() - before
     assert growth < 4 * 1024, f"resident memory grew by {growth} KiB"
+
+
+def zero_tensor_without_memory(shape, dtype):
+    """A tensor of zeros over a private anonymous mapping: pages never written read as the
+    kernel's shared zero page (a huge page where it can), so 4 GiB of it cost no memory and
+    reading them takes well under a second.  (torch.zeros of 4 GiB takes ~15 s here, most
+    of it faulting pages in.)"""
+    nbytes = math.prod(shape) * dtype.itemsize
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+
+def exact_moments(markers, count):
+    """Mean and biased variance, in float64, of `count` values: zeros but for `markers`."""
+    m = markers.double()
+    mean = m.sum().item() / count
+    m2 = (m - mean).square().sum().item() + (count - m.numel()) * mean**2
+    return mean, m2 / count
+
+
+@pytest.mark.skipif(sys.maxsize < 2**32 or not hasattr(mmap, "MAP_PRIVATE"),
+                    reason="needs a 64-bit address space and mmap with MAP_PRIVATE")
+@pytest.mark.parametrize("layout", ["channels first", "rows"])
+def test_more_than_2_to_the_31_values_statistics(layout):
+    """64-bit indexing in the reductions, in the default suite: batch statistics
+    (batch_norm_stats) and gradient sums (batch_norm_backward_reduce) of a bfloat16 tensor
+    of 2**31 + 2048 values, C = 2, as (1, 2, 2**30 + 1024) and as rows (2**30 + 1024, 2).
+    The values are zeros but for markers in the first and last 1024 of each channel, so the
+    exact results are known, and the last markers lie past 2**31: an index that wrapped at
+    2**31 would miss or misplace them.  The outputs (4 GiB more, written) are left to
+    test_more_than_2_to_the_31_values (slow): faulting them in takes ~20 s here."""
+    n = 2**30 + 1024
+    shape = (1, 2, n) if layout == "channels first" else (n, 2)
+    x = zero_tensor_without_memory(shape, torch.bfloat16)
+    dy = zero_tensor_without_memory(shape, torch.bfloat16)
+    channel = (lambda t, c: t[0, c]) if layout == "channels first" else (lambda t, c: t[:, c])
+    positions = torch.cat([torch.arange(1024), torch.arange(n - 1024, n)])
+    markers, grad_markers = [], []
+    for c in range(2):
+        values = (torch.arange(2048, dtype=torch.float32).remainder(97) - 40 + 13 * c).bfloat16()
+        grads = (torch.arange(2048, dtype=torch.float32).remainder(7) - 2 - c).bfloat16()
+        channel(x, c)[positions] = values
+        channel(dy, c)[positions] = grads
+        markers.append(values)
+        grad_markers.append(grads)
+    assert x.numel() > 2**31 and x.view(-1)[2**31:].abs().sum() > 0  # markers past 2**31
+
+    mean, var = batchnorm_ext.ops.batch_norm_stats(x)
+    # Blocks are summed in float32 (as native sums), so a few float32 ulps relative: a lost
+    # or misplaced marker would be off by percents.
+    for c in range(2):
+        expected_mean, expected_var = exact_moments(markers[c], n)
+        assert mean[c].item() == pytest.approx(expected_mean, rel=1e-6), c
+        assert var[c].item() == pytest.approx(expected_var, rel=1e-6), c
+
+    sums = batchnorm_ext.ops.batch_norm_backward_reduce(dy, x, mean, var, 1e-5)
+    for c in range(2):
+        g, v = grad_markers[c].double(), markers[c].double()
+        assert sums[0, c].item() == pytest.approx(g.sum().item(), rel=1e-6), c
+        # sum(dy * (x - mean)): dy is zero but at the markers.
+        expected = (g * (v - mean[c].item())).sum().item()
+        assert sums[1, c].item() == pytest.approx(expected, rel=1e-6), c
 
 
 @pytest.mark.slow

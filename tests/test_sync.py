@@ -14,14 +14,22 @@ import batchnorm_ext
 import sync_worker
 from helpers import assert_close
 
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+# name: (seed, batch of each process, layout, momentum, affine, steps, input dtype,
+#        parameter and buffer dtype)
 SCENARIOS = {
-    2: {"even": (1, [3, 3], "contiguous", 0.1, True, 2),
-        "uneven, channels_last": (2, [5, 2], "channels_last", 0.1, True, 2),
-        "one empty, cumulative": (3, [4, 0], "contiguous", None, True, 2),
-        "no affine": (4, [2, 3], "contiguous", 0.3, False, 1)},
-    3: {"even": (5, [2, 2, 2], "contiguous", 0.1, True, 2),
-        "uneven with an empty one": (6, [3, 0, 4], "channels_last", 0.1, True, 2),
-        "mostly one": (8, [1, 6, 1], "contiguous", None, True, 1)},
+    2: {"even": (1, [3, 3], "contiguous", 0.1, True, 2, F32, F32),
+        "uneven, channels_last": (2, [5, 2], "channels_last", 0.1, True, 2, F32, F32),
+        "one empty, cumulative": (3, [4, 0], "contiguous", None, True, 2, F32, F32),
+        "no affine": (4, [2, 3], "contiguous", 0.3, False, 1, F32, F32),
+        "float64": (9, [3, 4], "channels_last", 0.1, True, 2, F64, F64),
+        "bfloat16": (10, [4, 3], "contiguous", 0.1, True, 2, BF16, BF16),
+        "bfloat16, float32 parameters": (11, [2, 5], "channels_last", None, True, 2, BF16, F32)},
+    3: {"even": (5, [2, 2, 2], "contiguous", 0.1, True, 2, F32, F32),
+        "uneven with an empty one": (6, [3, 0, 4], "channels_last", 0.1, True, 2, F32, F32),
+        "mostly one": (8, [1, 6, 1], "contiguous", None, True, 1, F32, F32),
+        "float64": (12, [2, 3, 2], "contiguous", 0.1, True, 1, F64, F64),
+        "bfloat16, float32 parameters": (13, [3, 1, 4], "contiguous", 0.1, True, 2, BF16, F32)},
 }
 DDP_STEPS = 3
 
@@ -44,30 +52,76 @@ def launch(world_size, tmp_path, timeout=240):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
+def native_over_all(name, scenario, ranks, in_float64=False):
+    """Native BatchNorm2d over the concatenated batch, with the processes' input and
+    parameters (or these, as they are, in float64), and ours (the processes' results put
+    together), step by step: a list of (what, ours, native)."""
+    seed, batches, layout, momentum, affine, steps, dtype, param_dtype = scenario
+    native = torch.nn.BatchNorm2d(sync_worker.CHANNELS, momentum=momentum, affine=affine)
+    native.load_state_dict(sync_worker.module_state(seed, momentum, affine))
+    native.to(param_dtype)
+    if in_float64:
+        native.to(torch.float64)
+    compared = []
+    for step in range(steps):
+        x, grad = sync_worker.full_batch(seed + step, sum(batches), layout, dtype)
+        if in_float64:
+            x, grad = x.double(), grad.double()
+        x.requires_grad_()
+        y = native(x)
+        y.backward(grad)
+        compared.append((f"output, step {step}", torch.cat([r[name]["outputs"][step][0] for r in ranks]),
+                         y.detach()))
+        compared.append((f"grad_input, step {step}",
+                         torch.cat([r[name]["outputs"][step][1] for r in ranks]), x.grad))
+    if affine:  # each process's parameter gradient is its part: together, native's
+        for key in ("weight_grad", "bias_grad"):
+            compared.append((key, sum(r[name][key].double() for r in ranks),
+                             getattr(native, key.split("_")[0]).grad))
+    for r in ranks:
+        for key, value in native.named_buffers():
+            compared.append((key, r[name]["buffers"][key], value))
+    return compared
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sync_batch_norm_is_one_batch_norm_over_all(world_size, tmp_path):
     ranks = launch(world_size, tmp_path)
-    for name, (seed, batches, layout, momentum, affine, steps) in SCENARIOS[world_size].items():
-        native = torch.nn.BatchNorm2d(sync_worker.CHANNELS, momentum=momentum, affine=affine)
-        native.load_state_dict(sync_worker.module_state(seed, momentum, affine))
-        for step in range(steps):
-            x, grad = sync_worker.full_batch(seed + step, sum(batches), layout)
-            x.requires_grad_()
-            y = native(x)
-            y.backward(grad)
-            ours_y = torch.cat([r[name]["outputs"][step][0] for r in ranks])
-            ours_dx = torch.cat([r[name]["outputs"][step][1] for r in ranks])
-            assert_close(ours_y, y.detach(), msg=lambda m: f"{name}: output: {m}")
-            assert_close(ours_dx, x.grad, msg=lambda m: f"{name}: grad_input: {m}")
-        if affine:  # each process's parameter gradient is its part: together, native's
-            for key in ("weight_grad", "bias_grad"):
-                total = sum(r[name][key] for r in ranks)
-                expected = getattr(native, key.split("_")[0]).grad
-                assert_close(total, expected, scale=10, msg=lambda m: f"{name}: {key}: {m}")
-        for r in ranks:
-            for key, value in native.named_buffers():
-                assert_close(r[name]["buffers"][key], value, rtol=1e-5, atol=1e-6,
-                             msg=lambda m: f"{name}: {key}: {m}")
+    for name, scenario in SCENARIOS[world_size].items():
+        dtype, param_dtype = scenario[-2:]
+        compared = native_over_all(name, scenario, ranks)
+        if dtype != torch.bfloat16:  # native is exact to the dtype's rounding: the reference
+            for what, ours, native in compared:
+                if what == "num_batches_tracked":
+                    assert torch.equal(ours, native), f"{name}: {what}"
+                    continue
+                assert ours.dtype == native.dtype or what.endswith("_grad"), (name, what)
+                if what in ("running_mean", "running_var"):
+                    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+                    assert_close(ours, native, **tol, msg=lambda m: f"{name}: {what}: {m}")
+                else:
+                    scale = 10 if what.endswith("_grad") else 1
+                    assert_close(ours.to(native.dtype), native, scale=scale,
+                                 msg=lambda m: f"{name}: {what}: {m}")
+            continue
+        # bfloat16 input: native rounds its statistics to bfloat16 on the way, so both are
+        # held to the same batch norm in float64 (input and parameters as given).
+        oracle = native_over_all(name, scenario, ranks, in_float64=True)
+        for (what, ours, native), (_, _, exact) in zip(compared, oracle):
+            if what == "num_batches_tracked":
+                assert torch.equal(ours, native) and torch.equal(ours, exact), f"{name}: {what}"
+                continue
+            if not what.endswith("_grad"):
+                assert ours.dtype == native.dtype, (name, what)
+            ours_error = (ours.double() - exact.double()).abs().max().item()
+            native_error = (native.double() - exact.double()).abs().max().item()
+            # Rounding to the result's dtype, once per process for the parameter
+            # gradients (each process rounds its part).
+            dtype_of = native.dtype if what.endswith("_grad") else ours.dtype
+            roundings = world_size if what.endswith("_grad") else 1
+            ulp = torch.finfo(dtype_of).eps * exact.double().abs().max().item()
+            assert ours_error <= max(native_error, 2 * roundings * ulp), \
+                (name, what, ours_error, native_error, ulp)
 
 
 @pytest.mark.parametrize("world_size", [2])

@@ -19,8 +19,10 @@ struct Choice {
 
 // Best first.
 const Choice kChoices[] = {
-#ifdef BATCHNORM_EXT_X86
+#ifdef BATCHNORM_EXT_AVX512_BF16
     {"AVX512_BF16", &kernels_AVX512_BF16},
+#endif
+#ifdef BATCHNORM_EXT_X86
     {"AVX512", &kernels_AVX512},
     {"AVX2", &kernels_AVX2},
 #endif
@@ -37,7 +39,7 @@ const Choice* find(const std::string& name) {
 // The best set ATen's own check allows on this CPU: the first of kChoices at or below it.
 const Choice* best_choice() {
   std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
-#ifdef BATCHNORM_EXT_X86
+#ifdef BATCHNORM_EXT_AVX512_BF16
   // Not when ATEN_CPU_CAPABILITY chose: then it is ATen's choice exactly.
   if (aten == "AVX512" && std::getenv("ATEN_CPU_CAPABILITY") == nullptr &&
       __builtin_cpu_supports("avx512bf16")) {
@@ -57,8 +59,10 @@ std::atomic<const Choice*> active{nullptr};
 const Choice& active_choice() {
   const Choice* choice = active.load(std::memory_order_acquire);
   if (choice == nullptr) {
-    choice = best_choice();
-    active.store(choice, std::memory_order_release);
+    // Only if nothing was chosen meanwhile: a set_cpu_capability that ran since this
+    // thread looked must not be overwritten (on failure `choice` receives its choice).
+    const Choice* best = best_choice();
+    if (active.compare_exchange_strong(choice, best, std::memory_order_acq_rel)) choice = best;
   }
   return *choice;
 }

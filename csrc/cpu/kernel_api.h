@@ -26,6 +26,10 @@ struct Geometry {
   int64_t count() const { return batch * inner; }  // values per channel
 };
 
+// What a fused batch norm applies after normalizing: y = activation(z + residual), z
+// being the batch norm's output (see epilogues.h).
+enum class Activation : int8_t { Identity, ReLU, SiLU };
+
 // Types: `input` and `output` are input_type; weight, bias and the running statistics are
 // param_type (the input type, or float for bfloat16/half input: "mixed" precision); the
 // saved batch statistics (mean and biased variance) are double.
@@ -50,6 +54,10 @@ struct ForwardArgs {
   // null, for the statistics alone.
   const double* batch_mean = nullptr;
   const double* batch_var = nullptr;
+  // A fused epilogue: output = activation(normalized + residual).  residual (input_type,
+  // laid out as input) may be null.
+  Activation activation = Activation::Identity;
+  const void* residual = nullptr;
 };
 
 struct BackwardArgs {
@@ -74,6 +82,16 @@ struct BackwardArgs {
   double* grad_sums = nullptr;
   const double* given_sums = nullptr;
   int64_t count = 0;
+  // The backward of a fused epilogue (ForwardArgs): grad_output is the gradient at the
+  // epilogue's output.  It reads the forward's output (ReLU), or recomputes the normalized
+  // value from input, bias and residual (SiLU).  grad_residual (input_type) receives the
+  // gradient at the normalized value, which is the residual's gradient: given exactly when
+  // the forward had a residual (and then, for SiLU, so is residual).
+  Activation activation = Activation::Identity;
+  const void* output = nullptr;
+  const void* bias = nullptr;  // param_type
+  const void* residual = nullptr;
+  void* grad_residual = nullptr;
 };
 
 // One set of kernels per instruction set.
@@ -86,6 +104,8 @@ extern const KernelTable kernels_DEFAULT;
 #ifdef BATCHNORM_EXT_X86
 extern const KernelTable kernels_AVX2;
 extern const KernelTable kernels_AVX512;
+#endif
+#ifdef BATCHNORM_EXT_AVX512_BF16  // only where the compiler has -mavx512bf16 (setup.py)
 extern const KernelTable kernels_AVX512_BF16;
 #endif
 

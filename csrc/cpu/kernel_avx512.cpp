@@ -1,3 +1,4 @@
-// The kernels of batch_norm_kernel.h built for one instruction set; setup.py adds the
-// matching -m flags and CPU_CAPABILITY for files named kernel_<isa>.cpp.
+// The kernels (batch_norm_kernel.h and the headers it includes) built for one instruction
+// set; setup.py adds the matching -m flags and CPU_CAPABILITY for files named
+// kernel_<isa>.cpp.
 #include "batch_norm_kernel.h"

@@ -1,0 +1,125 @@
+// Batch normalization kernels, part 3: channels first (contiguous NCHW), where a channel is
+// cut into blocks (see vec_io.h for how the kernel headers fit together).
+#pragma once
+
+#include "moments.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace batchnorm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+// A channel is `batch` planes of `inner` contiguous values, C * inner apart.  It is cut
+// into blocks of about kBlockValues: several whole planes when planes are small, pieces of
+// one plane when they are large.
+
+struct ChannelsFirstBlocks {
+  const Geometry& g;
+  int64_t planes_per_block;
+  int64_t pieces_per_plane;
+  int64_t piece_len;
+  int64_t per_channel;
+
+  explicit ChannelsFirstBlocks(const Geometry& geometry) : g(geometry) {
+    if (g.inner >= kBlockValues) {
+      planes_per_block = 1;
+      pieces_per_plane = divup(g.inner, kBlockValues);
+      // A multiple of 64 values: pieces start aligned whenever the plane does.
+      piece_len = divup(divup(g.inner, pieces_per_plane), 64) * 64;
+      pieces_per_plane = divup(g.inner, piece_len);
+      per_channel = g.batch * pieces_per_plane;
+    } else {
+      planes_per_block = std::max<int64_t>(1, kBlockValues / g.inner);
+      pieces_per_plane = 1;
+      piece_len = g.inner;
+      per_channel = divup(g.batch, planes_per_block);
+    }
+  }
+
+  Block operator()(int64_t c, int64_t b) const {
+    const int64_t plane_stride = g.channels * g.inner;
+    if (pieces_per_plane == 1) {
+      const int64_t first = b * planes_per_block;
+      const int64_t planes = std::min(planes_per_block, g.batch - first);
+      return {(first * g.channels + c) * g.inner, planes, g.inner, plane_stride};
+    }
+    const int64_t plane = b / pieces_per_plane;
+    const int64_t start = (b % pieces_per_plane) * piece_len;
+    return {(plane * g.channels + c) * g.inner + start, 1, std::min(piece_len, g.inner - start),
+            plane_stride};
+  }
+};
+
+// Apply alone (eval forward, eval grad_input, and after the statistics of few channels):
+// in memory order, plane after plane, long planes in pieces, so that reads and writes
+// stream.
+template <typename Apply>
+void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
+  const Geometry& g = blocks.g;
+  // Pieces of up to 16K values (nothing has to stay in L1 here; they only split the work).
+  const int64_t piece_len = divup(std::min(g.inner, 8 * kBlockValues), 64) * 64;
+  const int64_t pieces = divup(g.inner, piece_len);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(g.inner, piece_len));
+  at::parallel_for(0, g.batch * g.channels * pieces, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t plane = u / pieces;
+      const int64_t start = (u % pieces) * piece_len;
+      apply(plane % g.channels,
+            Block{plane * g.inner + start, 1, std::min(piece_len, g.inner - start), 0});
+    }
+    stream_fence();
+  });
+}
+
+// The shape shared by the training forward and the backward: reduce every block to a
+// Partial (Moments or GradSums), merge a channel's partials in block order, turn the total
+// into per-channel coefficients (finish), then write the output block by block (apply).
+//
+// With many channels each thread takes whole channels and applies right after reducing,
+// while the channel is still in L2.  With few channels (C = 3) the blocks of all channels
+// are spread over the threads instead.  Blocks and merge order are the same either way, so
+// the result is the same to the bit for any number of threads.
+template <typename Partial, typename Reduce, typename Finish, typename Apply>
+void channels_first_reduce_apply(const ChannelsFirstBlocks& blocks, Reduce reduce,
+                                 Finish finish, Apply apply) {
+  const Geometry& g = blocks.g;
+  const int64_t per_channel = blocks.per_channel;
+  const int64_t total_values = g.count() * g.channels;
+  const bool by_channel =
+      g.channels >= 4 * at::get_num_threads() || total_values <= kGrain;
+
+  if (by_channel) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.count()));
+    at::parallel_for(0, g.channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        Partial total;
+        for (int64_t b = 0; b < per_channel; ++b) merge(total, reduce(c, blocks(c, b)));
+        finish(c, total);
+        for (int64_t b = 0; b < per_channel; ++b) apply(c, blocks(c, b));
+      }
+      stream_fence();
+    });
+    return;
+  }
+
+  const int64_t units = g.channels * per_channel;
+  const int64_t grain = std::max<int64_t>(1, kGrain / kBlockValues);
+  std::vector<Partial> partials(units);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      partials[u] = reduce(u / per_channel, blocks(u / per_channel, u % per_channel));
+    }
+  });
+  for (int64_t c = 0; c < g.channels; ++c) {
+    Partial total;
+    for (int64_t b = 0; b < per_channel; ++b) merge(total, partials[c * per_channel + b]);
+    finish(c, total);
+  }
+  channels_first_apply(blocks, apply);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace batchnorm_ext::cpu

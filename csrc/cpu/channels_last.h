@@ -1,0 +1,406 @@
+// Batch normalization kernels, part 4: channels last (NHWC, and (N, C) input), where every
+// vector lane always sees the same channel (see vec_io.h for how the kernel headers fit
+// together).
+#pragma once
+
+#include "moments.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace batchnorm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+// The data is rows of C values, so value i belongs to channel i % C.  Read it in periods
+// of P = lcm(C, lanes) values: then every lane of every vector always sees the same
+// channel, whatever C is (C = 3 gives P = 48 with 16 lanes).  Statistics are kept per lane
+// over blocks of whole periods and folded into channels at the end; the rows left over
+// after the last full period (fewer than P / C) are handled one value at a time.
+
+struct ChannelsLastPlan {
+  int64_t channels;
+  int64_t period;             // P = lcm(C, lanes) values
+  int64_t rows;               // batch * inner
+  int64_t periods;            // full periods
+  int64_t tail_begin;         // first value after the last full period
+  int64_t periods_per_block;  // a block: two sweeps in cache, like the channels-first one
+  int64_t blocks;
+  int64_t blocks_per_chunk;   // a chunk: one task of the parallel reduction
+  int64_t chunks;
+
+  ChannelsLastPlan(const Geometry& g, int64_t lanes) {
+    channels = g.channels;
+    period = std::lcm(g.channels, lanes);
+    rows = g.count();
+    periods = rows * channels / period;
+    tail_begin = periods * period;
+    // About 4096 values (16 KiB of floats, in L1 between the two sweeps), and at least 16
+    // periods so that merging blocks costs little next to reading them (so for a long
+    // period, C large and not a multiple of the lanes, a block outgrows L1).
+    periods_per_block = std::clamp<int64_t>(2 * kBlockValues / period, 16, 64);
+    blocks = divup(periods, periods_per_block);
+    // Chunks have a fixed size, never one per thread: the result must not depend on the
+    // number of threads.  Their per-lane results (2 P + 1 doubles each) take at most 8 MiB.
+    const int64_t max_chunks = std::clamp<int64_t>((int64_t(1) << 20) / (2 * period + 1), 1, 256);
+    blocks_per_chunk = std::max<int64_t>(
+        {1, 16 * kBlockValues / (periods_per_block * period), divup(blocks, max_chunks)});
+    chunks = divup(blocks, blocks_per_chunk);
+  }
+
+  int64_t first_period(int64_t block) const { return block * periods_per_block; }
+  int64_t periods_in(int64_t block) const {
+    return std::min(periods_per_block, periods - first_period(block));
+  }
+};
+
+// The sums lane_sums returns for a block, per lane.
+template <typename A>
+struct LaneSums {
+  std::vector<A> mean, dev, sq;
+  explicit LaneSums(int64_t width) : mean(width), dev(width), sq(width) {}
+};
+
+// Calls f(G, k) for groups of G vectors of lanes, [k, k + G * lanes), that cover a
+// period: G = 4 where it can, so that four independent accumulators hide the add latency.
+template <typename T, typename F>
+void for_each_column_group(int64_t period, F f) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t k = 0;
+  for (; k + 4 * L <= period; k += 4 * L) f(std::integral_constant<int, 4>{}, k);
+  switch ((period - k) / L) {
+    case 3: f(std::integral_constant<int, 3>{}, k); break;
+    case 2: f(std::integral_constant<int, 2>{}, k); break;
+    case 1: f(std::integral_constant<int, 1>{}, k); break;
+    default: break;
+  }
+}
+
+// Per-lane sums of a block of `n` periods starting at x, in two sweeps while the block is
+// in cache, as block_moments does for a run.  The sweep-1 mean and the sums of
+// d = x - mean and d^2 are returned raw; merge_block_lanes corrects them in double
+// (rounding the corrected mean to float would bias the merged variance).  Returns false if
+// the block holds Inf or NaN or its float sums overflowed (see block_moments): then
+// lane_sums_exact must do it again.
+template <typename T>
+bool lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = kLanes<T>;
+  // Sweep 1, row after row as the data lies in memory (so that it streams): the sum of
+  // every lane, kept in out.mean.
+  acc_t* sum = out.mean.data();
+  for (int64_t k = 0; k < period; k += L) load_vec(x + k).store(sum + k);
+  for (int64_t r = 1; r < n; ++r) {
+    for (int64_t k = 0; k < period; k += L) (Vec::loadu(sum + k) + load_vec(x + r * period + k)).store(sum + k);
+  }
+  // Sweep 2, over the block now in L1: a group of columns at a time, so that the
+  // accumulators are registers.
+  const Vec inv_n(acc_t(1) / acc_t(n));
+  Vec all_sq(0);
+  for_each_column_group<T>(period, [&](auto group, int64_t k) {
+    constexpr int G = decltype(group)::value;
+    Vec mean[G], dev[G], sq[G];
+    for (int g = 0; g < G; ++g) {
+      mean[g] = Vec::loadu(sum + k + g * L) * inv_n;
+      dev[g] = sq[g] = Vec(0);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      for (int g = 0; g < G; ++g) {
+        const Vec d = load_vec(x + r * period + k + g * L) - mean[g];
+        dev[g] += d;
+        sq[g] = at::vec::fmadd(d, d, sq[g]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      mean[g].store(out.mean.data() + k + g * L);
+      dev[g].store(out.dev.data() + k + g * L);
+      sq[g].store(out.sq.data() + k + g * L);
+      all_sq += sq[g];
+    }
+  });
+  return std::isfinite(sum_lanes(all_sq));
+}
+
+// The slow path of lane_sums, in double one value at a time (see block_moments_exact):
+// the exact mean of every lane, dev = 0, and sq = M2.
+template <typename T>
+void lane_sums_exact(const T* x, int64_t period, int64_t n, LaneSums<double>& out) {
+  std::fill(out.mean.begin(), out.mean.end(), 0.0);
+  std::fill(out.dev.begin(), out.dev.end(), 0.0);
+  std::fill(out.sq.begin(), out.sq.end(), 0.0);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t l = 0; l < period; ++l) out.mean[l] += static_cast<double>(x[r * period + l]);
+  }
+  for (int64_t l = 0; l < period; ++l) out.mean[l] /= static_cast<double>(n);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t l = 0; l < period; ++l) {
+      const double d = static_cast<double>(x[r * period + l]) - out.mean[l];
+      out.sq[l] += d * d;
+    }
+  }
+}
+
+// Chan's merge of (other_count, other_mean, other_m2) into one lane.  kInfinite: a mean
+// may be infinite (see merged_mean); otherwise plain multiply-adds that vectorize.
+template <bool kInfinite>
+inline void merge_lane(double& mean, double& m2, double other_mean, double other_m2,
+                       double own_share, double other_share, double cross) {
+  const double delta = other_mean - mean;
+  if constexpr (kInfinite) {
+    mean = merged_mean(mean, other_mean, delta, own_share, other_share);
+  } else {
+    mean += delta * other_share;
+  }
+  m2 += other_m2 + delta * delta * cross;
+}
+
+// Chan's merge for every lane at once.  All lanes hold the same count, so the weights are
+// scalars.
+template <bool kInfinite>
+void merge_lanes(double* mean, double* m2, int64_t count, const double* other_mean,
+                 const double* other_m2, int64_t other_count, int64_t width) {
+  const double own_share = double(count) / double(count + other_count);
+  const double other_share = double(other_count) / double(count + other_count);
+  const double cross = double(count) * other_share;
+  for (int64_t l = 0; l < width; ++l) {
+    merge_lane<kInfinite>(mean[l], m2[l], other_mean[l], other_m2[l], own_share, other_share,
+                          cross);
+  }
+}
+
+template <bool kInfinite, typename A>
+void merge_block_lanes(double* mean, double* m2, int64_t count, const LaneSums<A>& block,
+                       int64_t other_count, int64_t width) {
+  const double own_share = double(count) / double(count + other_count);
+  const double other_share = double(other_count) / double(count + other_count);
+  const double cross = double(count) * other_share;
+  const double inv_n = 1.0 / double(other_count);
+  for (int64_t l = 0; l < width; ++l) {
+    const double dev = block.dev[l];
+    merge_lane<kInfinite>(mean[l], m2[l], double(block.mean[l]) + dev * inv_n,
+                          non_negative(double(block.sq[l]) - dev * dev * inv_n), own_share,
+                          other_share, cross);
+  }
+}
+
+// Runs reduce_chunk(chunk, lanes) for every chunk in parallel; each chunk writes `width`
+// doubles of per-lane results.  Returns them all, chunk after chunk.
+template <typename F>
+std::vector<double> reduce_chunks(const ChannelsLastPlan& plan, int64_t width, F reduce_chunk) {
+  std::vector<double> results(plan.chunks * width, 0.0);
+  const int64_t grain = plan.blocks_per_chunk * plan.periods_per_block * plan.period >= kGrain ? 1 : 4;
+  at::parallel_for(0, plan.chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) reduce_chunk(chunk, results.data() + chunk * width);
+  });
+  return results;
+}
+
+// Per-channel statistics of channels-last data.
+template <typename T>
+std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& plan) {
+  using acc_t = opmath_t<T>;
+  const int64_t P = plan.period;
+  const int64_t C = plan.channels;
+
+  // Per-lane statistics of each chunk: mean[P] then m2[P], then 1 if a mean may be
+  // infinite (a block went through lane_sums_exact).
+  const int64_t width = 2 * P + 1;
+  const std::vector<double> chunk_stats = reduce_chunks(plan, width, [&](int64_t chunk, double* out) {
+    LaneSums<acc_t> block(P);
+    LaneSums<double> exact(P);
+    bool infinite = false;
+    int64_t count = 0;
+    const int64_t first = chunk * plan.blocks_per_chunk;
+    const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t n = plan.periods_in(b);
+      const T* rows = x + plan.first_period(b) * P;
+      const bool finite = lane_sums(rows, P, n, block);
+      if (!finite) {  // Inf, NaN or float overflow in the block: redo it in double
+        lane_sums_exact(rows, P, n, exact);
+        infinite = true;
+      }
+      // From then on a mean may be infinite, and the merges must allow for it.
+      if (!infinite) {
+        merge_block_lanes<false>(out, out + P, count, block, n, P);
+      } else if (finite) {
+        merge_block_lanes<true>(out, out + P, count, block, n, P);
+      } else {
+        merge_block_lanes<true>(out, out + P, count, exact, n, P);
+      }
+      count += n;
+    }
+    out[2 * P] = infinite ? 1.0 : 0.0;
+  });
+
+  // Merge the chunks in order, then fold lanes into channels: lane l is channel l % C.
+  bool infinite = false;
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) infinite |= chunk_stats[chunk * width + 2 * P] != 0;
+  std::vector<double> mean(P, 0.0), m2(P, 0.0);
+  int64_t count = 0;
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const int64_t first = chunk * plan.blocks_per_chunk;
+    const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
+    const int64_t n = plan.first_period(last - 1) + plan.periods_in(last - 1) - plan.first_period(first);
+    const double* stats = chunk_stats.data() + chunk * width;
+    if (infinite) {
+      merge_lanes<true>(mean.data(), m2.data(), count, stats, stats + P, n, P);
+    } else {
+      merge_lanes<false>(mean.data(), m2.data(), count, stats, stats + P, n, P);
+    }
+    count += n;
+  }
+  std::vector<Moments> channel(C);
+  for (int64_t l = 0; l < P && plan.periods > 0; ++l) merge(channel[l % C], {plan.periods, mean[l], m2[l]});
+
+  // The rows after the last full period, one channel at a time.
+  const int64_t tail_rows = (plan.rows * C - plan.tail_begin) / C;
+  if (tail_rows > 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* column = x + plan.tail_begin + c;
+      double sum = 0;
+      for (int64_t r = 0; r < tail_rows; ++r) sum += double(acc_t(column[r * C]));
+      const double tail_mean = sum / tail_rows;
+      double sq = 0;
+      for (int64_t r = 0; r < tail_rows; ++r) {
+        const double d = double(acc_t(column[r * C])) - tail_mean;
+        sq += d * d;
+      }
+      merge(channel[c], {tail_rows, tail_mean, sq});
+    }
+  }
+  return channel;
+}
+
+// Per-channel sum(dz) and sum(dz * (x - mean)) of channels-last data, where dz is the
+// gradient at the batch norm's output: grad_at(i, k) for the vector at index i, whose lanes
+// start at lane k of the period, and grad_at_value(i, c) for the single value i of channel
+// c after the last full period (see block_grad_sums).
+template <typename T, typename GradAt, typename GradAtValue>
+std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan& plan,
+                                              const std::vector<opmath_t<T>>& mean_pattern,
+                                              GradAt grad_at, GradAtValue grad_at_value) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t P = plan.period;
+  const int64_t C = plan.channels;
+
+  const std::vector<double> chunk_sums = reduce_chunks(plan, 2 * P, [&](int64_t chunk, double* out) {
+    // Per block, row after row (as the data lies in memory), sums per lane in float; then
+    // added to the chunk's sums in double.
+    std::vector<acc_t> dy_sum(P), dy_xmu_sum(P);
+    const int64_t first = chunk * plan.blocks_per_chunk;
+    const int64_t last = std::min(plan.blocks, first + plan.blocks_per_chunk);
+    for (int64_t b = first; b < last; ++b) {
+      std::fill(dy_sum.begin(), dy_sum.end(), acc_t(0));
+      std::fill(dy_xmu_sum.begin(), dy_xmu_sum.end(), acc_t(0));
+      const int64_t end_row = plan.first_period(b) + plan.periods_in(b);
+      for (int64_t r = plan.first_period(b); r < end_row; ++r) {
+        for (int64_t k = 0; k < P; k += kLanes<T>) {
+          const int64_t i = r * P + k;
+          const Vec grad = grad_at(i, k);
+          (Vec::loadu(dy_sum.data() + k) + grad).store(dy_sum.data() + k);
+          at::vec::fmadd(grad, load_vec(x + i) - Vec::loadu(mean_pattern.data() + k),
+                         Vec::loadu(dy_xmu_sum.data() + k))
+              .store(dy_xmu_sum.data() + k);
+        }
+      }
+      for (int64_t l = 0; l < P; ++l) {
+        out[l] += dy_sum[l];
+        out[P + l] += dy_xmu_sum[l];
+      }
+    }
+  });
+
+  std::vector<GradSums> channel(C);
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const double* sums = chunk_sums.data() + chunk * 2 * P;
+    for (int64_t l = 0; l < P; ++l) merge(channel[l % C], {sums[l], sums[P + l]});
+  }
+  for (int64_t i = plan.tail_begin; i < plan.rows * C; ++i) {
+    const int64_t c = i % C;
+    const acc_t g = grad_at_value(i, c);
+    merge(channel[c], {double(g), double(g * (acc_t(x[i]) - mean_pattern[c]))});
+  }
+  return channel;
+}
+
+// A per-channel coefficient repeated over a period: the coefficient of every lane.
+template <typename A>
+std::vector<A> lane_pattern(const std::vector<A>& per_channel, int64_t period) {
+  std::vector<A> pattern(period);
+  for (int64_t l = 0; l < period; ++l) pattern[l] = per_channel[l % per_channel.size()];
+  return pattern;
+}
+
+// out = f(c, in...) over all the data, where c holds the NP coefficients of each value's
+// lane, taken from NP lane patterns: vectors over the full periods, single values after.
+// With kStream the output is written with streaming stores.
+template <int NP, bool kStream, typename T, typename F, typename... In>
+void channels_last_map(const ChannelsLastPlan& plan,
+                       const std::array<const opmath_t<T>*, NP>& patterns, T* out, const F& f,
+                       const In*... in) {
+  using acc_t = opmath_t<T>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t P = plan.period;
+  // Memory is walked in order: going back to earlier rows for the next group of columns
+  // measured twice as slow.  So coefficients stay in registers over many rows only when
+  // one group of columns is the whole period (C up to 4 vectors of lanes, or C = 3).
+  if (P <= 4 * L) {
+    const int64_t periods_per_task = std::clamp<int64_t>(kBlockValues / P, 1, 64);
+    const int64_t grain = std::max<int64_t>(1, kGrain / (periods_per_task * P));
+    at::parallel_for(0, divup(plan.periods, periods_per_task), grain, [&](int64_t begin, int64_t end) {
+      for_each_column_group<T>(P, [&](auto group, int64_t k) {
+        constexpr int G = decltype(group)::value;
+        std::array<Vec, NP> c[G];
+        for (int g = 0; g < G; ++g) {
+          for (int q = 0; q < NP; ++q) c[g][q] = Vec::loadu(patterns[q] + k + g * L);
+        }
+        const int64_t last = std::min(plan.periods, end * periods_per_task);
+        for (int64_t row = begin * periods_per_task; row < last; ++row) {
+          for (int g = 0; g < G; ++g) {
+            const int64_t i = row * P + k + g * L;
+            put_vec<kStream>(out + i, f(c[g], load_vec(in + i)...));
+          }
+        }
+      });
+      stream_fence();
+    });
+  } else {  // longer periods: the coefficients are loaded (from L1) with each vector
+    at::parallel_for(0, plan.periods, std::max<int64_t>(1, kGrain / P), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * P; i < end * P; i += P) {
+        for (int64_t k = 0; k < P; k += L) {
+          std::array<Vec, NP> c;
+          for (int q = 0; q < NP; ++q) c[q] = Vec::loadu(patterns[q] + k);
+          put_vec<kStream>(out + i + k, f(c, load_vec(in + i + k)...));
+        }
+      }
+      stream_fence();
+    });
+  }
+  for (int64_t i = plan.tail_begin; i < plan.rows * plan.channels; ++i) {
+    std::array<acc_t, NP> c;  // lane i % C: the patterns repeat every C lanes
+    for (int q = 0; q < NP; ++q) c[q] = patterns[q][i % plan.channels];
+    out[i] = static_cast<T>(f(c, static_cast<acc_t>(in[i])...));
+  }
+}
+
+template <int NP, typename T, typename F, typename... In>
+void channels_last_map(const ChannelsLastPlan& plan, bool stream,
+                       const std::array<const opmath_t<T>*, NP>& patterns, T* out, const F& f,
+                       const In*... in) {
+  if (stream) {
+    channels_last_map<NP, true>(plan, patterns, out, f, in...);
+  } else {
+    channels_last_map<NP, false>(plan, patterns, out, f, in...);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace batchnorm_ext::cpu
