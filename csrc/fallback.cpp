@@ -34,6 +34,27 @@ Tensor per_channel(const Tensor& t, const Tensor& input) {
   return t.reshape(shape);
 }
 
+// The memory format of the outputs of batch_norm_apply and batch_norm_backward_apply, by
+// the rule of the CPU operators and the fake kernels (native's, batch_norm_cpu.cpp): a
+// dense input keeps its format when the `others` given (parameters, grad_output) are
+// contiguous, or dense in the same format; else suggest_memory_format().
+at::MemoryFormat output_format(const Tensor& input, std::initializer_list<Tensor> others) {
+  const auto dense = [](const Tensor& t) {
+    return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+           t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  };
+  bool keep = dense(input);
+  for (const Tensor& t : others) {
+    if (!t.defined()) continue;
+    const bool same_format = dense(t) && t.suggest_memory_format() == input.suggest_memory_format();
+    keep = keep && (t.dim() == 1 ? t.is_contiguous() : same_format);
+  }
+  if (!keep) return input.suggest_memory_format();
+  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? at::MemoryFormat::ChannelsLast3d
+                                                               : at::MemoryFormat::ChannelsLast;
+}
+
 // float64 mean and biased variance per channel (zeros for an empty input, as the CPU kernel).
 std::tuple<Tensor, Tensor> batch_statistics(const Tensor& input) {
   if (input.numel() == 0) {
@@ -124,7 +145,8 @@ Tensor apply(const Tensor& input, const optional<Tensor>& weight, const optional
   if (given(bias)) shift = shift + bias->to(at::kDouble);
   Tensor output = input.to(opmath) * per_channel(scale.to(opmath), input) +
                   per_channel(shift.to(opmath), input);
-  return output.to(input.scalar_type()).contiguous(input.suggest_memory_format());
+  return output.to(input.scalar_type())
+      .contiguous(output_format(input, {weight.value_or(Tensor()), bias.value_or(Tensor())}));
 }
 
 Tensor backward_reduce(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
@@ -153,7 +175,7 @@ Tensor backward_apply(const Tensor& grad_output, const Tensor& input,
   Tensor grad_input = (grad_output.to(opmath) - per_channel(dy_mean.to(opmath), input) -
                        centred * per_channel(projection.to(opmath), input)) *
                       per_channel((invstd * w).to(opmath), input);
-  return grad_input.to(input.scalar_type()).contiguous(input.suggest_memory_format());
+  return grad_input.to(input.scalar_type()).contiguous(output_format(input, {grad_output}));
 }
 
 }  // namespace

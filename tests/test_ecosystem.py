@@ -1,8 +1,8 @@
 """Converted models where torch.nn's batch norms go: FX, conv-BN fusion, ONNX (both
-exporters, onnxruntime), TorchScript, torch.compile(dynamic=True), AOTInductor, other
-devices (the meta device, and the fallback kernels that serve CUDA and the rest),
-subclasses, registered conversions and SyncBatchNorm conversions.  Everything is compared
-with the same native model.  (tests/test_zoo.py does the same with torchvision and timm.)"""
+exporters, onnxruntime), TorchScript, other devices (the meta device, and the fallback
+kernels that serve CUDA and the rest), subclasses, registered conversions and
+SyncBatchNorm conversions.  Everything is compared with the same native model.
+(tests/test_inductor.py: Inductor; tests/test_zoo.py: torchvision's and timm's models.)"""
 import copy
 import io
 import pickle
@@ -190,30 +190,6 @@ def test_fuse_conv_bn_eval_takes_our_batch_norm():
     assert torch.equal(fused_ours.bias, fused_native.bias)
 
 
-def small_pair(momentum=0.1):
-    """A convolution and a batch norm, native and ours (compiling takes less)."""
-    torch.manual_seed(0)
-    native = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=momentum))
-    native(torch.randn(4, 3, 8, 8) + 1)
-    return native, batchnorm_ext.convert_model(copy.deepcopy(native))
-
-
-def test_inductor_freezing_compiles_converted_model():
-    """Under Inductor's freezing (CPU inference), native batch norms are folded into the
-    convolutions before them; ours are not (the pass recognizes only torch's): they run
-    our operator in the compiled code, with the same results."""
-    from torch._inductor.utils import run_and_get_code
-    native, ours = small_pair()
-    native.eval()
-    ours.eval()
-    torch._dynamo.reset()
-    x = inputs(1)[0]
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-        result, code = run_and_get_code(torch.compile(ours), x)
-    assert "batchnorm_ext.batch_norm_forward" in "".join(code)
-    assert_close(result, native(x), rtol=1e-5, atol=1e-5)
-
-
 # ---------------------------------------------------------------------------------------
 # ONNX
 
@@ -328,7 +304,7 @@ def test_onnx_export_of_a_scripted_model():
 
 
 # ---------------------------------------------------------------------------------------
-# TorchScript, torch.jit.trace, torch.compile(dynamic=True), AOTInductor
+# TorchScript, torch.jit.trace
 
 KWARGS = [{}, dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
           dict(momentum=None, track_running_stats=False, affine=False), dict(bias=False)]
@@ -376,27 +352,6 @@ def test_jit_trace_save_load():
     loaded = torch.jit.load(buffer)
     assert_close(loaded(x), native(x), rtol=1e-5, atol=1e-5)
     assert_same_state(loaded, native)
-
-
-def test_compile_dynamic_matches_native():
-    native, ours = small_pair(momentum=None)
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, dynamic=True)
-    xs = [torch.randn(s) * 2 + 1 for s in [(4, 3, 8, 8), (6, 3, 10, 9)]]
-    steps_match(compiled, native, ours, native, xs)
-
-
-def test_aot_inductor_package(tmp_path):
-    native, ours = small_pair()
-    native.eval()
-    ours.eval()
-    x = inputs(1)[0]
-    program = torch.export.export(ours, (x,))
-    targets = {str(n.target) for n in program.run_decompositions().graph.nodes}
-    assert "batchnorm_ext.batch_norm_forward.default" in targets
-    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "net.pt2"))
-    loaded = torch._inductor.aoti_load_package(path)
-    assert_close(loaded(x), native(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,23 +414,31 @@ def test_model_trains_on_the_fallback_kernels_as_native(channels_last):
         assert_close(ours(xs[0]), native(xs[0]))
 
 
-def test_fallback_kernels_match_cpu_kernels():
+def assert_like(result, expected, **tol):
+    """Same values (to `tol`), dtype, shape and strides (the memory format)."""
+    assert_close(result, expected, **tol)
+    assert result.dtype == expected.dtype and result.shape == expected.shape
+    assert result.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fallback_kernels_match_cpu_kernels(layout):
     ops = batchnorm_ext.ops
-    x = torch.randn(6, 4, 5, 5) * 2 + 1
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(6, 4, 5, 5) * 2 + 1).contiguous(memory_format=fmt)
     w, b = torch.rand(4) + 0.5, torch.randn(4)
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     for training in (True, False):
         expected = ops.batch_norm_forward(x, w, b, rm, rv, training, 1e-5)
         result = fallback(ops.batch_norm_forward)(x, w, b, rm, rv, training, 1e-5)
         for e, r in zip(expected, result):
-            assert_close(r, e, rtol=1e-5, atol=1e-5)
-            assert r.dtype == e.dtype and r.shape == e.shape
+            assert_like(r, e, rtol=1e-5, atol=1e-5)
     _, mean, var = ops.batch_norm_forward(x, w, b, None, None, True, 1e-5)
     grad = torch.randn_like(x)
     for training in (True, False):
         args = (grad, x, w, rm, rv, mean, var, training, 1e-5, [True, True, True])
         for e, r in zip(ops.batch_norm_backward(*args), fallback(ops.batch_norm_backward)(*args)):
-            assert_close(r, e, rtol=1e-4, atol=1e-5)
+            assert_like(r, e, rtol=1e-4, atol=1e-5)
     for momentum, counter in [(0.1, None), (None, torch.tensor(3))]:
         expected, result = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
         ops.update_running_stats_(*expected, mean, var, 150, momentum, counter)
@@ -487,14 +450,14 @@ def test_fallback_kernels_match_cpu_kernels():
     stats = fallback(ops.batch_norm_stats)(x)
     assert_close(stats[0], mean, rtol=1e-6, atol=1e-7)
     assert_close(stats[1], var, rtol=1e-6, atol=1e-7)
-    assert_close(fallback(ops.batch_norm_apply)(x, w, b, mean, var, 1e-5),
-                 ops.batch_norm_apply(x, w, b, mean, var, 1e-5))
+    assert_like(fallback(ops.batch_norm_apply)(x, w, b, mean, var, 1e-5),
+                ops.batch_norm_apply(x, w, b, mean, var, 1e-5))
     sums = ops.batch_norm_backward_reduce(grad, x, mean, var, 1e-5)
     assert_close(fallback(ops.batch_norm_backward_reduce)(grad, x, mean, var, 1e-5), sums,
                  rtol=1e-5, atol=1e-6)  # float32 rounding again, in sums of 150 values
-    assert_close(fallback(ops.batch_norm_backward_apply)(grad, x, w, mean, var, sums, 150, 1e-5),
-                 ops.batch_norm_backward_apply(grad, x, w, mean, var, sums, 150, 1e-5),
-                 rtol=1e-4, atol=1e-5)
+    assert_like(fallback(ops.batch_norm_backward_apply)(grad, x, w, mean, var, sums, 150, 1e-5),
+                ops.batch_norm_backward_apply(grad, x, w, mean, var, sums, 150, 1e-5),
+                rtol=1e-4, atol=1e-5)
 
 
 def test_fallback_checks_arguments_as_cpu():
