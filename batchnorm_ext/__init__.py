@@ -17,6 +17,7 @@ from .functional import batch_norm
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, OnOurKernel, convert_model,
                       fuser_method_mapping, register_conversion, revert_model,
                       revert_sync_batchnorm)
+from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fuse
 from .sync import SyncBatchNorm
 
 _register_symbolic()
@@ -39,10 +40,14 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "OnOurKernel",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",
+    "fuse",
     "cpu_capability",
     "fuser_method_mapping",
     "onnx_translation_table",

@@ -26,6 +26,8 @@ from ._ops import ops
 
 _forward = ops.batch_norm_forward.default
 _backward = ops.batch_norm_backward.default
+_act_forward = ops.batch_norm_act_forward.default
+_act_backward = ops.batch_norm_act_backward.default
 
 
 def _reduce_dims(x):
@@ -144,6 +146,113 @@ class _BatchNormFunction(torch.autograd.function._SingleLevelFunction):
         return output_t.to(input.dtype), None, None
 
 
+def _activation_jvp(activation, z_t, output, z):
+    """The tangent after the activation, from the tangent z_t of its input z."""
+    if activation == "relu":
+        return torch.where(output > 0, z_t, torch.zeros((), dtype=z_t.dtype))
+    if activation == "silu":
+        sigmoid = z.sigmoid()
+        return z_t * sigmoid * (1 + z * (1 - sigmoid))
+    return z_t
+
+
+class _BatchNormActFunction(torch.autograd.function._SingleLevelFunction):
+    """batch_norm_act_forward (batch norm, residual add, activation) with its backward
+    (batch_norm_act_backward, itself differentiable) and its jvp, as _BatchNormFunction."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, eps, residual,
+                activation, grad_modes):
+        with (torch._C._AutoDispatchBelowAutograd() if grad_modes is None
+              else _levels_below(grad_modes)):
+            return _act_forward(input, weight, bias, running_mean, running_var, training, eps,
+                                residual, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, running_mean, running_var, training, eps, residual, activation,
+         grad_modes) = inputs
+        out, save_mean, save_var = output
+        ctx.training, ctx.eps, ctx.grad_modes = training, eps, grad_modes
+        ctx.activation, ctx.has_residual = activation, residual is not None
+        given = [p for p in (weight, bias, running_mean, running_var) if p is not None]
+        ctx.param_dtype = given[0].dtype if given else input.dtype
+        if training:
+            running_mean = running_var = None
+        # What the backward needs besides the input: relu's output, silu's bias and residual.
+        saved = (input, weight, bias if activation == "silu" else None, running_mean, running_var,
+                 save_mean, save_var, out if activation == "relu" else None,
+                 residual if activation == "silu" else None)
+        ctx.save_for_backward(*saved)
+        if _fwad._current_level >= 0:  # the jvp reads the bias and the output in any case
+            ctx.save_for_forward(input, weight, bias, running_mean, running_var, save_mean,
+                                 save_var, out, residual)
+        ctx.mark_non_differentiable(save_mean, save_var)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_var):
+        if grad_output is None:
+            return (None,) * 10
+        input, weight, bias, running_mean, running_var, save_mean, save_var, out, residual = \
+            ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = _act_backward(grad_output, out, input, weight, bias, running_mean, running_var,
+                              save_mean, save_var, ctx.training, ctx.eps, residual,
+                              ctx.has_residual, ctx.activation,
+                              [needs[0], needs[1], needs[2], needs[7]], ctx.param_dtype)
+        return (*grads[:3], None, None, None, None, grads[3], None, None)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _training, _eps,
+            residual_t, *_):
+        input, weight, bias, running_mean, running_var, save_mean, save_var, out, residual = \
+            ctx.saved_tensors
+        with contextlib.nullcontext() if ctx.grad_modes is None else _levels_below(ctx.grad_modes):
+            if input_t is None and weight_t is None and bias_t is None:
+                z_t = None
+            else:
+                z_t = _BatchNormFunction._jvp(_Saved(ctx, (input, weight, running_mean, running_var,
+                                                           save_mean, save_var)),
+                                              input_t, weight_t, bias_t)[0]
+            if residual_t is not None:
+                z_t = residual_t if z_t is None else z_t + residual_t
+            if z_t is None:
+                return None, None, None
+            z = None
+            if ctx.activation == "silu":  # the value before the activation, recomputed
+                z = _normalized(ctx, input, weight, bias, running_mean, running_var, save_mean,
+                                save_var)
+                if residual is not None:
+                    z = z + residual.to(z.dtype)
+            compute = torch.promote_types(input.dtype, torch.float32)
+            return (_activation_jvp(ctx.activation, z_t.to(compute), out, z).to(input.dtype),
+                    None, None)
+
+
+class _Saved:
+    """What _BatchNormFunction._jvp reads from its ctx: the saved tensors, training, eps."""
+
+    def __init__(self, ctx, saved_tensors):
+        self.saved_tensors, self.training, self.eps = saved_tensors, ctx.training, ctx.eps
+
+
+def _normalized(ctx, input, weight, bias, running_mean, running_var, save_mean, save_var):
+    """The batch norm's output, in float32 or wider, from what the forward saved."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    x = input.to(compute)
+    if ctx.training:
+        mean, var = _batch_statistics(x, save_mean, save_var)
+    else:
+        mean, var = _per_channel(running_mean.to(compute), x), _per_channel(running_var.to(compute), x)
+    z = (x - mean) * (var + ctx.eps).rsqrt()
+    if weight is not None:
+        z = z * _per_channel(weight.to(compute), x)
+    if bias is not None:
+        z = z + _per_channel(bias.to(compute), x)
+    return z
+
+
 def _check_not_requiring_grad(running_mean, running_var):
     """As native (and the C++ path): running statistics are buffers, never differentiated."""
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
@@ -171,5 +280,24 @@ def _forward_autograd(keyset, input, weight, bias, running_mean, running_var, tr
                                    bias, running_mean, running_var, training, eps)
 
 
+def _act_forward_autograd(keyset, input, weight, bias, running_mean, running_var, training, eps,
+                         residual, activation):
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode:
+        _check_not_requiring_grad(running_mean, running_var)
+    if (grad_mode and torch._C._any_requires_grad(input, weight, bias, residual)) or \
+            _fwad._current_level >= 0:
+        args = (input, weight, bias, running_mean, running_var, training, eps, residual, activation)
+        if torch._C._are_functorch_transforms_active():
+            with enable_single_level_autograd_function():
+                return _BatchNormActFunction.apply(*args, (grad_mode, torch._C._is_fwd_grad_enabled()))
+        return _BatchNormActFunction.apply(*args, None)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _act_forward.redispatch(keyset & torch._C._after_autograd_keyset, input, weight,
+                                       bias, running_mean, running_var, training, eps, residual,
+                                       activation)
+
+
 _lib = torch.library.Library("batchnorm_ext", "IMPL")
 _lib.impl("batch_norm_forward", _forward_autograd, "Autograd", with_keyset=True)
+_lib.impl("batch_norm_act_forward", _act_forward_autograd, "Autograd", with_keyset=True)

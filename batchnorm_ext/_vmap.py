@@ -16,7 +16,8 @@ folded call.
 import torch
 from torch.library import register_vmap
 
-from ._ops import _check_batch_statistics, check_inputs, check_sizes, ops
+from ._ops import (_check_batch_statistics, _check_like_input, check_activation, check_inputs,
+                   check_sizes, ops)
 
 # native's messages (BatchRulesNorm.cpp; and vmap's for .item(), which native's modules call
 # on num_batches_tracked when momentum is None)
@@ -48,7 +49,7 @@ def _stacked(t, bdim, size):
 
 def _fold(x, bdim, size):
     """(N, C, *) slices as one (N, size*C, *) tensor: slice b has channels b*C to b*C + C - 1."""
-    return _stacked(x, bdim, size).movedim(0, 1).flatten(1, 2)
+    return None if x is None else _stacked(x, bdim, size).movedim(0, 1).flatten(1, 2)
 
 
 def _fold_channels(t, bdim, size):
@@ -206,3 +207,61 @@ def _backward_apply_vmap(info, in_dims, grad_output, input, weight, mean, var, s
         _fold_channels(weight, w_dim, size), _fold_channels(mean, m_dim, size),
         _fold_channels(var, v_dim, size), _fold(sums, s_dim, size), count, eps)  # (2, B*C)
     return grad_input.unflatten(1, (size, channels)), 1
+
+
+@register_vmap("batchnorm_ext::batch_norm_act_forward")
+def _act_forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training,
+                      eps, residual, activation):
+    x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
+    r_dim = in_dims[7]
+    size = info.batch_size
+    one = (_slice(input, x_dim), _slice(weight, w_dim), _slice(bias, b_dim),
+           _slice(running_mean, rm_dim), _slice(running_var, rv_dim))
+    check_activation(activation)
+    check_sizes(*one)
+    if training and x_dim is not None and (
+            (running_mean is not None and rm_dim is None) or (running_var is not None and rv_dim is None)):
+        raise RuntimeError(RUNNING_STATS_NOT_BATCHED)
+    check_inputs(*one, training)
+    if residual is not None:
+        _check_like_input(one[0], _slice(residual, r_dim), "residual")
+    channels = one[0].shape[1]
+    # Every slice through the kernel at once (an input that is not vmapped is expanded:
+    # its slices differ by their residual or parameters).
+    output, mean, var = ops.batch_norm_act_forward.default(
+        _fold(input, x_dim, size), _fold_channels(weight, w_dim, size),
+        _fold_channels(bias, b_dim, size), _fold_channels(running_mean, rm_dim, size),
+        _fold_channels(running_var, rv_dim, size), training, eps, _fold(residual, r_dim, size),
+        activation)
+    output = output.unflatten(1, (size, channels))
+    if not training:  # the statistics are empty
+        return (output, mean, var), (1, None, None)
+    if x_dim is None:  # the same input in every slice: the same statistics, not vmapped
+        return (output, mean[:channels], var[:channels]), (1, None, None)
+    return (output, mean.unflatten(0, (size, channels)), var.unflatten(0, (size, channels))), (1, 0, 0)
+
+
+@register_vmap("batchnorm_ext::batch_norm_act_backward")
+def _act_backward_vmap(info, in_dims, grad_output, output, input, weight, bias, running_mean,
+                       running_var, save_mean, save_var, training, eps, residual, has_residual,
+                       activation, output_mask, param_dtype=None):
+    go_dim, y_dim, x_dim, w_dim, b_dim, rm_dim, rv_dim, m_dim, v_dim = in_dims[:9]
+    r_dim = in_dims[11]
+    size = info.batch_size
+    check_activation(activation)
+    one_input = _slice(input, x_dim)
+    check_inputs(one_input, _slice(weight, w_dim), None, _slice(running_mean, rm_dim),
+                 _slice(running_var, rv_dim), training)
+    channels = one_input.shape[1]
+    grads = ops.batch_norm_act_backward.default(
+        _fold(grad_output, go_dim, size), _fold(output, y_dim, size), _fold(input, x_dim, size),
+        _fold_channels(weight, w_dim, size), _fold_channels(bias, b_dim, size),
+        _fold_channels(running_mean, rm_dim, size), _fold_channels(running_var, rv_dim, size),
+        _fold_channels(save_mean, m_dim, size), _fold_channels(save_var, v_dim, size), training,
+        eps, _fold(residual, r_dim, size), has_residual, activation, output_mask, param_dtype)
+    grad_input, grad_weight, grad_bias, grad_residual = grads
+    return ((None if grad_input is None else grad_input.unflatten(1, (size, channels)),
+             None if grad_weight is None else grad_weight.unflatten(0, (size, channels)),
+             None if grad_bias is None else grad_bias.unflatten(0, (size, channels)),
+             None if grad_residual is None else grad_residual.unflatten(1, (size, channels))),
+            (1, 0, 0, 1))

@@ -244,16 +244,12 @@ def _fuse_module(module, times_used):
         graph.erase_node(fusion.node)
     graph.lint()
     fused = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-    # What the forward does not use stays, so that the state_dict keeps its keys.
-    for name, child in module.named_children():
-        if not hasattr(fused, name):
-            fused.add_module(name, child)
-    for name, param in module.named_parameters(recurse=False):
-        if name not in fused._parameters:
-            fused.register_parameter(name, param)
-    for name, buffer in module.named_buffers(recurse=False):
-        if name not in fused._buffers:
-            fused.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    # The very children, parameters and buffers, in their order (also those the forward
+    # does not use): the same state_dict, keys in the same order.
+    fused._modules = dict(module._modules)
+    fused._parameters = dict(module._parameters)
+    fused._buffers = dict(module._buffers)
+    fused._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     fused.train(module.training)
     return fused
 

@@ -1,68 +1,79 @@
-"""batchnorm_ext against torch.nn.BatchNorm2d, side by side.
+"""batchnorm_ext against torch.nn.BatchNorm1d/2d/3d, side by side.
 
 Both run in the same process on the same input and thread count, interleaved (native,
-ours, native, ours, ...), timed with torch.utils.benchmark; each result is checked against
-native before it is timed.  The table gives medians, the speed-up (native / ours), the
-effective bandwidth, and how close ours comes to the memory-traffic floor measured in the
-same run (x.sum() and y.copy_(x)).
+ours, native, ours, ...), timed with torch.utils.benchmark (blocked_autorange medians);
+each result is checked against native before it is timed.  The op-level table gives
+medians, the speed-up (native / ours), the effective bandwidth, and how close ours comes
+to the memory-traffic floor measured in the same run (x.sum() and y.copy_(x)).
 
 Page faults on fresh outputs above 32 MiB can cost more than the kernel, so every case is
 run under two allocator settings, each in its own process:
   default  glibc's defaults;
   warm     MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ raised: freed memory is reused.
 
-    python benchmarks/bench.py                  # the default set, about 2 minutes
+    python benchmarks/bench.py                  # the default op-level set, a few minutes
     python benchmarks/bench.py --full           # every shape, layout, dtype and mode
-    python benchmarks/bench.py --model          # a ResNet-style training step
+    python benchmarks/bench.py --layers         # BN->ReLU, BN->add->ReLU, ResNet blocks
+    python benchmarks/bench.py --networks       # torchvision models' training steps
+    python benchmarks/bench.py --model          # a small ResNet-style training step
     python benchmarks/bench.py --sync           # SyncBatchNorm on 2 processes
     python benchmarks/bench.py --shapes 16x64x112x112 --layouts nhwc --modes train --alloc warm
 
-Writes results/<name>.json, .csv and .png (speed-ups per shape) under benchmarks/.
+Results (JSON, CSV, a Markdown summary, a PNG chart for the op level) go to --out, by
+default a new folder benchmarks/results/run-<date>-<time>/ (not committed); the committed
+files in benchmarks/results/ are written only when asked: --out benchmarks/results.
+benchmarks/summary.py prints a results file again; benchmarks/compile_profile.py is the
+diagnostic behind benchmarks/COMPILE.md (where torch.compile's time goes).
 """
 import argparse
-import contextlib
 import copy
 import csv
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
-import torch.utils.benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # the repository's batchnorm_ext first
 
 import batchnorm_ext  # noqa: E402
+from harness import interleaved, machine, parse_shape, progress  # noqa: E402
 
 WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
-# ResNet-50's batch-norm shapes at batch 16, and a few more (the seed's last).
+# ResNet-50's batch-norm shapes at batch 16, and a few more (the seed's last); channel
+# counts that are not multiples of 16 (3, 100, 1023).
 DEFAULT_SHAPES = ["16x64x112x112", "16x256x56x56", "16x512x28x28", "16x1024x14x14",
-                  "16x2048x7x7", "8x64x56x56", "1x64x56x56", "16x3x224x224", "2x3x4x4"]
-FULL_EXTRA_SHAPES = ["32x64x56x56", "16x128x28x28", "64x32x32x32", "4x3x512x512", "128x256x1x1"]
+                  "16x2048x7x7", "8x64x56x56", "1x64x56x56", "16x3x224x224", "2x3x4x4",
+                  "16x1023x14x14", "16x100x28x28"]
+# BatchNorm1d: (N, C) for MLPs and tabular data (channels are innermost: channels-last by
+# nature), (N, C, L) for sequences.
+DEFAULT_SHAPES_1D = ["256x1000", "4096x512", "64x1023", "64x256x100", "32x768x128"]
+FULL_EXTRA_SHAPES = ["32x64x56x56", "16x128x28x28", "64x32x32x32", "4x3x512x512", "128x256x1x1",
+                     "16x1023x7x7", "64x3x32x32"]
 MODES = ["train", "eval", "train_fwd_bwd"]
 MODE_TITLES = {"train": "training forward", "eval": "eval forward",
                "train_fwd_bwd": "training forward + backward"}
+# "bfloat16-mixed": bfloat16 input, float32 parameters and running statistics (what
+# torch.autocast gives a batch norm after a convolution).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+          "float64": torch.float64, "bfloat16-mixed": torch.bfloat16}
+PARAM_DTYPES = {"bfloat16-mixed": torch.float32}
+MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
 
-def parse_shape(text):
-    return tuple(int(s) for s in text.lower().split("x"))
-
-
-def machine():
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return cpu
+def layout_name(shape, layout):
+    """Rows name the memory order: nchw / nhwc for 4-D and 5-D, nc / ncl for BatchNorm1d."""
+    if len(shape) == 2:
+        return "nc"
+    if len(shape) == 3:
+        return "ncl"
+    return layout
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,14 +84,18 @@ class Case:
     """A batch norm of one shape, layout, dtype and mode, native and ours, same input."""
 
     def __init__(self, shape, layout, dtype, mode):
-        self.shape, self.layout, self.dtype, self.mode = shape, layout, dtype, mode
+        self.shape, self.layout, self.dtype_name, self.mode = shape, layout, dtype, mode
+        self.dtype = DTYPES[dtype]
+        param_dtype = PARAM_DTYPES.get(dtype, self.dtype)
         channels = shape[1]
-        x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+        x = (torch.randn(shape, dtype=torch.float32) * 2 + 0.5).to(self.dtype)
         if layout == "nhwc":
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                             else torch.channels_last_3d)
         self.x = x
-        self.native = torch.nn.BatchNorm2d(channels, dtype=dtype)
-        self.ours = batchnorm_ext.BatchNorm2d(channels, dtype=dtype)
+        name = MODULES[len(shape)]
+        self.native = getattr(torch.nn, name)(channels, dtype=param_dtype)
+        self.ours = getattr(batchnorm_ext, name)(channels, dtype=param_dtype)
         with torch.no_grad():
             self.native.weight.uniform_(0.5, 1.5)
             self.native.bias.normal_()
@@ -98,8 +113,6 @@ class Case:
         if self.mode == "train_fwd_bwd":
             grad, inputs = self.grad, [x, module.weight, module.bias]
             return lambda: torch.autograd.grad(module(x), inputs, grad)
-        if self.mode == "eval":
-            return lambda: module(x)
         return lambda: module(x)
 
     def run_once(self, module, x):
@@ -144,56 +157,61 @@ class Case:
         return 5 * n if self.mode == "train_fwd_bwd" else 2 * n
 
     def describe(self):
-        return f"{'x'.join(map(str, self.shape))} {self.layout} {str(self.dtype)[6:]} {self.mode}"
+        return f"{'x'.join(map(str, self.shape))} {self.layout} {self.dtype_name} {self.mode}"
 
 
-def median_time(fn, min_run_time):
-    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                        num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def interleaved(fns, rounds, min_run_time):
-    """Medians over `rounds` of A B A B ... timing; each round is itself a median."""
-    for fn in fns:  # warm-up: first calls allocate and fault in memory
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            times[i].append(median_time(fn, min_run_time))
-    return [statistics.median(t) for t in times]
-
-
-def floor_time(x, mode, rounds, min_run_time):
+def floor_time(x, rounds, min_run_time):
     """The memory-traffic floor measured now: x.sum() (one read) and y.copy_(x) (a read and
-    a write).  Training forward = sum + copy; eval = copy; forward + backward = the forward
-    plus two sums and a copy."""
+    a write)."""
     x = x.detach()
     y = torch.empty_like(x)
-    t_sum, t_copy = interleaved([lambda: x.sum(), lambda: y.copy_(x)], rounds, min_run_time)
-    return {"train": t_sum + t_copy, "eval": t_copy,
-            "train_fwd_bwd": 3 * t_sum + 2 * t_copy}[mode], t_sum, t_copy
+    return interleaved([lambda: x.sum(), lambda: y.copy_(x)], rounds, min_run_time)
+
+
+def floor_of(mode, t_sum, t_copy):
+    """Training forward = sum + copy; eval = copy; forward + backward = the forward plus
+    two sums and a copy."""
+    return {"train": t_sum + t_copy, "eval": t_copy, "train_fwd_bwd": 3 * t_sum + 2 * t_copy}[mode]
+
+
+def op_cases(args):
+    """(shape, layout, dtype, mode) of the run.  Unless --dtypes is given, dtypes other
+    than float32 run the training forward only (--full: every mode).  BatchNorm1d shapes
+    have no channels-last layout (an (N, C) input is channels-last by nature)."""
+    cases = []
+    for s in args.shapes:
+        dims = len(parse_shape(s))
+        for layout in args.layouts:
+            if layout == "nhwc" and dims < 4:
+                continue
+            for d in args.dtypes:
+                for m in args.modes:
+                    if d != "float32" and m != "train" and not (args.full or args.dtypes_given):
+                        continue
+                    cases.append((s, layout, d, m))
+    return cases
 
 
 def run_cases(args, alloc):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = [(s, l, d, m) for s in args.shapes for l in args.layouts for d in args.dtypes
-             for m in args.modes if not (d != "float32" and m != "train" and not args.full)]
+    cases = op_cases(args)
     rows = []
-    try:
-        from tqdm import tqdm
-        progress = tqdm(cases, desc=f"allocator={alloc}", unit="case", file=sys.stderr)
-    except ImportError:
-        progress = cases
-    for shape, layout, dtype, mode in progress:
-        case = Case(parse_shape(shape), layout, DTYPES[dtype], mode)
+    floors = {}  # (shape, layout, dtype) -> (sum, copy): the same for every mode
+    for shape, layout, dtype, mode in progress(cases, f"allocator={alloc}", "case"):
+        dims = parse_shape(shape)
+        case = Case(dims, layout, dtype, mode)
         case.check()
         t_native, t_ours = interleaved([case.fn("native"), case.fn("ours")], args.rounds,
                                        args.min_run_time)
-        t_floor, t_sum, t_copy = floor_time(case.x, mode, args.rounds, args.min_run_time)
+        key = (shape, layout, dtype)
+        if key not in floors:
+            floors[key] = floor_time(case.x, args.rounds, args.min_run_time)
+        t_sum, t_copy = floors[key]
+        t_floor = floor_of(mode, t_sum, t_copy)
         rows.append({
-            "shape": shape, "layout": layout, "dtype": dtype, "mode": mode, "allocator": alloc,
+            "shape": shape, "layout": layout_name(dims, layout), "dtype": dtype, "mode": mode,
+            "allocator": alloc, "module": MODULES[len(dims)],
             "native_ms": t_native * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_native / t_ours,
             "ours_GBps": case.bytes_moved() / t_ours / 1e9, "floor_ms": t_floor * 1e3,
             "sum_ms": t_sum * 1e3, "copy_ms": t_copy * 1e3,
@@ -221,7 +239,7 @@ def run_model(args, alloc):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    for layout in args.layouts:
+    for layout in progress(args.layouts, f"model, allocator={alloc}", "layout"):
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
         native = resnet_style().to(memory_format=fmt)
         ours = batchnorm_ext.convert_model(copy.deepcopy(native))
@@ -266,7 +284,7 @@ def _sync_worker(rank, world, init_file, out_file, shapes, threads, rounds):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     rows = []
-    for shape in shapes:
+    for shape in (progress(shapes, "SyncBatchNorm", "shape") if rank == 0 else shapes):
         dims = parse_shape(shape)
         x = (torch.randn(dims) * 2 + 0.5).requires_grad_()
         grad = torch.randn(dims)
@@ -320,11 +338,6 @@ def print_sync_table(rows, file=sys.stdout):
 # Reporting.
 
 
-def geomean(values):
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
 def print_table(rows, file=sys.stdout):
     model = "ours_GBps" not in rows[0]
     header = ["shape", "layout", "dtype", "mode", "alloc", "native ms", "ours ms", "speed-up"]
@@ -342,18 +355,7 @@ def print_table(rows, file=sys.stdout):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |", file=file)
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
-    if not model:
-        print(file=file)
-        for alloc in dict.fromkeys(r["allocator"] for r in rows):
-            for layout in dict.fromkeys(r["layout"] for r in rows):
-                for dtype in dict.fromkeys(r["dtype"] for r in rows):
-                    for mode in MODES:
-                        sel = [r for r in rows if (r["allocator"], r["layout"], r["dtype"],
-                                                   r["mode"]) == (alloc, layout, dtype, mode)]
-                        if sel:
-                            print(f"geometric mean speed-up, {alloc} allocator, {layout}, {dtype}, "
-                                  f"{MODE_TITLES[mode]}: {geomean(r['speedup'] for r in sel):.2f}x "
-                                  f"({len(sel)} shapes)", file=file)
+    print(file=file)
 
 
 def chart(rows, path, meta):
@@ -362,98 +364,218 @@ def chart(rows, path, meta):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    groups = list(dict.fromkeys((r["layout"], r["dtype"], r["mode"]) for r in rows))
+    def panel(r):  # BatchNorm1d's (N, C) and (N, C, L) share a panel
+        return ("BatchNorm1d" if r["layout"] in ("nc", "ncl") else r["layout"], r["dtype"], r["mode"])
+    groups = list(dict.fromkeys(panel(r) for r in rows))
     allocs = list(dict.fromkeys(r["allocator"] for r in rows))
-    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 2.6 * len(groups)), squeeze=False)
-    for ax, (layout, dtype, mode) in zip(axes[:, 0], groups):
-        shapes = list(dict.fromkeys(r["shape"] for r in rows if (r["layout"], r["dtype"], r["mode"]) == (layout, dtype, mode)))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 2.6 * len(groups)), squeeze=False)
+    for ax, group in zip(axes[:, 0], groups):
+        sel = [r for r in rows if panel(r) == group]
+        shapes = list(dict.fromkeys(r["shape"] for r in sel))
         width = 0.8 / len(allocs)
         for i, alloc in enumerate(allocs):
-            speedups = [next((r["speedup"] for r in rows if (r["shape"], r["layout"], r["dtype"], r["mode"], r["allocator"]) == (s, layout, dtype, mode, alloc)), 0) for s in shapes]
+            speedups = [next((r["speedup"] for r in sel if (r["shape"], r["allocator"]) == (s, alloc)), 0)
+                        for s in shapes]
             bars = ax.bar([j + i * width for j in range(len(shapes))], speedups, width, label=f"{alloc} allocator")
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")  # speed-ups from below 1 to above 10 on one chart
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 1.5)  # room for the labels above the tallest bars
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([j + width * (len(allocs) - 1) / 2 for j in range(len(shapes))], shapes, fontsize=8)
         ax.set_ylabel("native / ours")
+        layout, dtype, mode = group
         ax.set_title(f"{MODE_TITLES.get(mode, mode)}, {layout}, {dtype}", fontsize=10)
         ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"batchnorm_ext speed-up over torch.nn.BatchNorm2d ({meta['threads']} thread(s), "
+    fig.suptitle(f"batchnorm_ext speed-up over torch.nn.BatchNorm*d ({meta['threads']} thread(s), "
                  f"torch {meta['torch']}, {meta['cpu']})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=90)
 
 
-def write_results(rows, meta, name):
-    out = os.path.join(HERE, "results")
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, name)
+def default_out_dir():
+    return os.path.join(HERE, "results", time.strftime("run-%Y%m%d-%H%M%S"))
+
+
+def write_results(rows, meta, out_dir, name):
+    """<name>.json, .csv, .md (the summary) and, for the op level, .png under out_dir."""
+    import summary
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                          for k, v in r.items()} for r in rows)
+    written = [".json", ".csv"]
+    text = summary.render({"meta": meta, "rows": rows})
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    written.append(".md")
     if "ours_GBps" in rows[0]:
         chart(rows, base + ".png", meta)
-    return base
+        written.append(".png")
+    return base, written, text
 
 
 # ---------------------------------------------------------------------------------------
 
+def help_epilog():
+    """The defaults that depend on the mode, wrapped for --help."""
+    import textwrap
+    from layers import SHAPES as LAYER_SHAPES
+    from networks import DEFAULT_INPUT
+    entries = [
+        ("--shapes", f"op level: {' '.join(DEFAULT_SHAPES)}; BatchNorm1d: "
+                     f"{' '.join(DEFAULT_SHAPES_1D)}. --full adds {' '.join(FULL_EXTRA_SHAPES)}. "
+                     + " ".join(f"--layers {k}: {' '.join(v)}." for k, v in LAYER_SHAPES.items())
+                     + f" --networks: {DEFAULT_INPUT}. --sync: {' '.join(SYNC_SHAPES)}."),
+        ("--layouts", "nchw nhwc (op level, --model); nchw (--layers, --networks)"),
+        ("--dtypes", "float32 bfloat16, bfloat16 in the training forward only (op level); "
+                     "--full: every dtype in every mode; --layers, --networks: float32. Given "
+                     "explicitly, every dtype runs in every mode."),
+        ("--rounds", "3 (--full, --sync: 5)"),
+        ("--min-run-time", "0.05 s (op level), 0.2 (--full, --layers), 0.5 (--model), "
+                           "1.0 (--networks)"),
+    ]
+    lines = ["defaults that depend on the mode:"]
+    for name, text in entries:
+        wrapped = textwrap.wrap(text, 62)
+        lines.append(f"  {name:<15} {wrapped[0]}")
+        lines += [f"  {'':<15} {w}" for w in wrapped[1:]]
+    return "\n".join(lines)
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="every shape, dtype and mode")
-    parser.add_argument("--model", action="store_true", help="a ResNet-style training step instead")
-    parser.add_argument("--sync", action="store_true",
-                        help="SyncBatchNorm forward + backward on 2 processes against plain batch norm")
-    parser.add_argument("--shapes", nargs="+", help="N x C x H x W, e.g. 16x64x112x112")
-    parser.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"], default=["nchw", "nhwc"])
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    parser.add_argument("--modes", nargs="+", choices=MODES)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--alloc", choices=["default", "warm", "both"], default="both")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (median)")
-    parser.add_argument("--min-run-time", type=float, help="seconds per timing (blocked_autorange)")
-    parser.add_argument("--name", help="results file name (default: from the options)")
+
+def parse_args(argv=None):
+    from layers import KINDS
+    from networks import NETWORKS
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=help_epilog())
+    mode = parser.add_argument_group("what to run (default: the op-level set)")
+    mode.add_argument("--full", action="store_true",
+                      help="op level: every shape, layout, dtype and mode (default: off)")
+    mode.add_argument("--layers", nargs="*", choices=KINDS, metavar="KIND",
+                      help="layers as in models, forward + backward, five variants (native, "
+                           "native compiled, ours, ours fused, ours compiled); KIND of "
+                           f"{', '.join(KINDS)} (default when given alone: all)")
+    mode.add_argument("--networks", nargs="*", choices=NETWORKS, metavar="NAME",
+                      help="torchvision models' training steps (SGD), the same five variants; "
+                           f"NAME of {', '.join(NETWORKS)} (default when given alone: all)")
+    mode.add_argument("--model", action="store_true",
+                      help="a small ResNet-style training step, native against ours (default: off)")
+    mode.add_argument("--sync", action="store_true",
+                      help="SyncBatchNorm forward + backward on 2 processes against plain "
+                           "batch norm (default: off)")
+    sel = parser.add_argument_group("cases")
+    sel.add_argument("--shapes", nargs="+", metavar="NxCx...",
+                     help="input shapes, e.g. 16x64x112x112, 256x1000 (default: see below)")
+    sel.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"],
+                     help="memory formats; nhwc is channels_last (channels_last_3d for 5-D), "
+                          "skipped for BatchNorm1d shapes (default: see below)")
+    sel.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
+                     help="bfloat16-mixed = bfloat16 input, float32 parameters, as under "
+                          "autocast (default: see below)")
+    sel.add_argument("--modes", nargs="+", choices=MODES,
+                     help="op level: train (training forward), eval, train_fwd_bwd "
+                          "(default: all three)")
+    run = parser.add_argument_group("how")
+    run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    run.add_argument("--alloc", choices=["default", "warm", "both"], default="both",
+                     help="allocator settings, each in its own process (default: both)")
+    run.add_argument("--rounds", type=int,
+                     help="interleaved rounds per case, median taken (default: see below)")
+    run.add_argument("--min-run-time", type=float, metavar="SECONDS",
+                     help="per timing, torch.utils.benchmark blocked_autorange (default: see below)")
+    run.add_argument("--lr", type=float, default=1e-3, help="--networks: SGD learning rate "
+                     "(default: 0.001)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR",
+                     help="folder for the results (default: a new benchmarks/results/run-<date>-"
+                          "<time>/; the committed files are benchmarks/results/*)")
+    out.add_argument("--name", help="results file name (default: the mode: default, full, layers, "
+                                    "networks, model, sync)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # allocator setting of a worker
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    if args.sync:
+    args.dtypes_given = args.dtypes is not None
+    if args.layers is not None and not args.layers:
+        args.layers = list(KINDS)
+    if args.networks is not None and not args.networks:
+        args.networks = list(NETWORKS)
+    modes = [m for m, on in (("layers", args.layers is not None), ("networks", args.networks is not None),
+                             ("model", args.model), ("sync", args.sync), ("full", args.full)) if on]
+    if len(modes) > 1:
+        parser.error("choose one of --full, --layers, --networks, --model, --sync")
+    args.kind = modes[0] if modes else "default"
+    if args.kind in ("layers", "networks"):
+        args.layouts = args.layouts or ["nchw"]
+        args.dtypes = args.dtypes or ["float32"]
+        args.rounds = args.rounds or 3
+        args.min_run_time = args.min_run_time or (0.2 if args.kind == "layers" else 1.0)
+    elif args.kind == "sync":
         args.shapes = args.shapes or SYNC_SHAPES
         args.rounds = args.rounds or 5
-        meta = {"torch": torch.__version__, "cpu": machine(), "threads": args.threads,
-                "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
-                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    else:
+        args.shapes = args.shapes or (DEFAULT_SHAPES + DEFAULT_SHAPES_1D
+                                      + (FULL_EXTRA_SHAPES if args.full else []))
+        args.layouts = args.layouts or ["nchw", "nhwc"]
+        args.dtypes = args.dtypes or (list(DTYPES) if args.full else ["float32", "bfloat16"])
+        args.modes = args.modes or MODES
+        args.rounds = args.rounds or (5 if args.full else 3)
+        args.min_run_time = args.min_run_time or (0.2 if args.full else
+                                                  (0.5 if args.model else 0.05))
+    args.name = args.name or args.kind
+    return args
+
+
+def run_child(args):
+    if args.kind == "layers":
+        from layers import run_layers
+        return run_layers(args, args.child)
+    if args.kind == "networks":
+        from networks import run_networks
+        return run_networks(args, args.child)
+    if args.kind == "model":
+        return run_model(args, args.child)
+    return run_cases(args, args.child)
+
+
+def main():
+    args = parse_args()
+    if args.child:  # a worker: run everything under one allocator setting, print JSON
+        rows = run_child(args)
+        print("RESULTS " + json.dumps(rows))
+        return
+
+    out_dir = args.out or default_out_dir()
+    meta = {"torch": torch.__version__, "batchnorm_ext": batchnorm_ext.__version__,
+            "kernels": batchnorm_ext.cpu_capability(), "cpu": machine(), "threads": args.threads,
+            "kind": args.kind,
+            "allocators": {"default": "glibc defaults", "warm": WARM_ENV},
+            "default_shapes": DEFAULT_SHAPES, "default_shapes_1d": DEFAULT_SHAPES_1D,
+            "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.sync:
+        meta["allocators"] = {"default": "glibc defaults"}
         print(f"SyncBatchNorm on 2 processes (gloo, loopback), {args.threads} thread(s) each, "
               f"{meta['cpu']}", flush=True)
         rows = run_sync(args)
         print_sync_table(rows)
-        base = write_results(rows, meta, args.name or "sync")
-        print(f"\nwrote {base}.json, .csv")
-        return
-    args.shapes = args.shapes or DEFAULT_SHAPES + (FULL_EXTRA_SHAPES if args.full else [])
-    args.dtypes = args.dtypes or (list(DTYPES) if args.full else ["float32", "bfloat16"])
-    args.modes = args.modes or MODES
-    args.rounds = args.rounds or (5 if args.full else 3)
-    args.min_run_time = args.min_run_time or (0.2 if args.full else 0.05)
-
-    if args.child:  # a worker: run everything under one allocator setting, print JSON
-        rows = (run_model if args.model else run_cases)(args, args.child)
-        print("RESULTS " + json.dumps(rows))
+        base, written, _ = write_results(rows, meta, out_dir, args.name)
+        print(f"\nwrote {base}{', '.join(written)}")
         return
 
     allocs = ["default", "warm"] if args.alloc == "both" else [args.alloc]
-    meta = {"torch": torch.__version__, "batchnorm_ext": batchnorm_ext.__version__,
-            "kernels": batchnorm_ext.cpu_capability(), "cpu": machine(), "threads": args.threads,
-            "allocators": {"default": "glibc defaults", "warm": WARM_ENV},
-            "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"torch {meta['torch']}, kernels {meta['kernels']}, {meta['cpu']}, "
-          f"{args.threads} thread(s)", flush=True)
+          f"{args.threads} thread(s); {args.kind} set, allocator(s): {', '.join(allocs)}; "
+          f"results to {out_dir}", flush=True)
+    start = time.perf_counter()
     rows = []
     for alloc in allocs:
         env = dict(os.environ, **(WARM_ENV if alloc == "warm" else {}))
@@ -461,13 +583,18 @@ def main():
             for key in WARM_ENV:
                 env.pop(key, None)
         argv = [sys.executable, os.path.abspath(__file__), "--child", alloc] + sys.argv[1:]
-        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True)
+        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the {alloc}-allocator run failed (exit status {done.returncode}); "
+                     f"its messages are above")
         line = next(l for l in done.stdout.splitlines() if l.startswith("RESULTS "))
         rows += json.loads(line[len("RESULTS "):])
-    print_table(rows)
-    name = args.name or ("model" if args.model else ("full" if args.full else "default"))
-    base = write_results(rows, meta, name)
-    print(f"\nwrote {base}.json, .csv" + ("" if args.model else ", .png"))
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    if args.kind not in ("layers", "networks"):  # those: the summary below has it all
+        print_table(rows)
+    base, written, text = write_results(rows, meta, out_dir, args.name)
+    print("\n" + text)
+    print(f"wrote {base}{', '.join(written)} ({meta['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

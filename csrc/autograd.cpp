@@ -67,6 +67,31 @@ const auto& update_op() {
   return op;
 }
 
+using ActBackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+const auto& act_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("batchnorm_ext::batch_norm_act_forward", "")
+          .typed<ForwardResult(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                               const optional<Tensor>&, const optional<Tensor>&, bool, double,
+                               const optional<Tensor>&, c10::string_view)>();
+  return op;
+}
+
+const auto& act_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("batchnorm_ext::batch_norm_act_backward", "")
+          .typed<ActBackwardResult(const Tensor&, const optional<Tensor>&, const Tensor&,
+                                   const optional<Tensor>&, const optional<Tensor>&,
+                                   const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+                                   const Tensor&, bool, double, const optional<Tensor>&, bool,
+                                   c10::string_view, std::array<bool, 4>,
+                                   optional<c10::ScalarType>)>();
+  return op;
+}
+
 // Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level, which
 // torch.func.jvp opens too; there is at most one, level 0): no tangent exists otherwise.
 bool dual_level_open() { return torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr; }
@@ -159,6 +184,71 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   }
 };
 
+// The parameter dtype: that of the first parameter given, else the input's (the backward
+// cannot tell it when only a bias was given).
+c10::ScalarType param_dtype_of(const Tensor& input,
+                               std::initializer_list<const optional<Tensor>*> params) {
+  for (const optional<Tensor>* p : params) {
+    if (given(*p)) return (*p)->scalar_type();
+  }
+  return input.scalar_type();
+}
+
+// batch_norm_act_forward's autograd on the eager fast path, as BatchNormFunction's.  What
+// the backward keeps besides the input: the output for relu (its mask), the bias and the
+// residual for silu (its input is recomputed); nothing else the size of the input.
+class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const optional<Tensor>& weight, const optional<Tensor>& bias,
+                               const optional<Tensor>& running_mean,
+                               const optional<Tensor>& running_var, bool training, double eps,
+                               const optional<Tensor>& residual, c10::string_view activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [output, save_mean, save_var] = act_forward_op().call(
+        input, weight, bias, running_mean, running_var, training, eps, residual, activation);
+    const bool relu = activation == "relu", silu = activation == "silu";
+    ctx->save_for_backward({input, or_undefined(weight), silu ? or_undefined(bias) : Tensor(),
+                            training ? Tensor() : or_undefined(running_mean),
+                            training ? Tensor() : or_undefined(running_var), save_mean, save_var,
+                            relu ? output : Tensor(), silu ? or_undefined(residual) : Tensor()});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["has_bias"] = given(bias);
+    ctx->saved_data["has_stats"] = given(running_mean);
+    ctx->saved_data["has_residual"] = given(residual);
+    ctx->saved_data["param_dtype"] = static_cast<int64_t>(
+        param_dtype_of(input, {&weight, &bias, &running_mean, &running_var}));
+    ctx->mark_non_differentiable({save_mean, save_var});
+    ctx->set_materialize_grads(false);
+    return {output, save_mean, save_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) return variable_list(9);
+    // Autograd numbers only the tensors given: input, then weight, bias, the running
+    // statistics and the residual, each if given.
+    const bool has_weight = saved[1].defined(), has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const int64_t residual_index = 1 + has_weight + has_bias + 2 * ctx->saved_data["has_stats"].toBool();
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0),
+                                      has_weight && ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(has_weight ? 2 : 1),
+                                      has_residual && ctx->needs_input_grad(residual_index)};
+    auto [grad_input, grad_weight, grad_bias, grad_residual] = act_backward_op().call(
+        grad_output, or_none(saved[7]), saved[0], or_none(saved[1]), or_none(saved[2]),
+        or_none(saved[3]), or_none(saved[4]), saved[5], saved[6],
+        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), or_none(saved[8]),
+        has_residual, ctx->saved_data["activation"].toStringRef(), mask,
+        static_cast<c10::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+    return {grad_input, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(),
+            grad_residual, Tensor()};
+  }
+};
+
 // batch_norm_backward written with differentiable ATen operations: used only when its own
 // result must be differentiated (double backward).  The batch statistics are recomputed
 // from `input` so that their dependence on it is part of the graph.
@@ -198,6 +288,73 @@ ForwardResult differentiable_backward(const Tensor& grad_output, const Tensor& i
   if (mask[1]) grad_weight = dy_x_hat.sum(reduce_dims).to(param_type);
   if (mask[2]) grad_bias = dy.sum(reduce_dims).to(param_type);
   return {grad_input, grad_weight, grad_bias};
+}
+
+// batch_norm_act_backward with differentiable ATen operations (double backward): dz, the
+// gradient at the batch norm's output, from the activation's derivative (relu: the mask of
+// the output, whose derivative is 0; silu: at z recomputed from the input, differentiably),
+// then batch_norm_backward's; dz is also the residual's gradient.
+ActBackwardResult differentiable_act_backward(
+    const Tensor& grad_output, const optional<Tensor>& output, const Tensor& input,
+    const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+    double eps, const optional<Tensor>& residual, bool has_residual, c10::string_view activation,
+    std::array<bool, 4> mask, optional<c10::ScalarType> param_dtype) {
+  const auto opmath = at::toOpMathType(input.scalar_type());
+  Tensor dz = grad_output;
+  if (activation == "relu") {
+    dz = at::where(*output > 0, grad_output, at::zeros({}, grad_output.options()));
+  } else if (activation == "silu") {
+    std::vector<int64_t> reduce_dims = {0};
+    for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);
+    std::vector<c10::SymInt> shape(input.dim(), 1);
+    shape[1] = input.sym_size(1);
+    const Tensor x = input.to(opmath);
+    Tensor mean, invstd;
+    if (training) {
+      mean = x.mean(reduce_dims, /*keepdim=*/true);
+      invstd = ((x - mean).square().mean(reduce_dims, true) + eps).rsqrt();
+    } else {
+      mean = running_mean->to(opmath).reshape_symint(shape);
+      invstd = (running_var->to(opmath) + eps).rsqrt().reshape_symint(shape);
+    }
+    Tensor z = (x - mean) * invstd;
+    if (given(weight)) z = z * weight->to(opmath).reshape_symint(shape);
+    if (given(bias)) z = z + bias->to(opmath).reshape_symint(shape);
+    if (has_residual) z = z + residual->to(opmath);
+    const Tensor sigmoid = z.sigmoid();
+    dz = (grad_output.to(opmath) * sigmoid * (1 + z * (1 - sigmoid))).to(input.scalar_type());
+  }
+  auto [grad_input, grad_weight, grad_bias] = differentiable_backward(
+      dz, input, weight, running_mean, running_var, training, eps, {mask[0], mask[1], mask[2]},
+      param_dtype);
+  return {grad_input, grad_weight, grad_bias, mask[3] ? dz : Tensor()};
+}
+
+ActBackwardResult batch_norm_act_backward_autograd(
+    const Tensor& grad_output, const optional<Tensor>& output, const Tensor& input,
+    const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    const optional<Tensor>& residual, bool has_residual, c10::string_view activation,
+    std::array<bool, 4> mask, optional<c10::ScalarType> param_dtype) {
+  auto wants_grad = [](const optional<Tensor>& t) { return given(t) && t->requires_grad(); };
+  auto tangent = [](const optional<Tensor>& t) { return given(t) && has_tangent(*t); };
+  const bool differentiate =
+      (at::GradMode::is_enabled() &&
+       (grad_output.requires_grad() || input.requires_grad() || wants_grad(weight) ||
+        wants_grad(bias) || wants_grad(residual))) ||
+      (dual_level_open() && (has_tangent(grad_output) || has_tangent(input) || tangent(weight) ||
+                             tangent(bias) || tangent(residual)));
+  if (differentiate) {
+    return differentiable_act_backward(grad_output, output, input, weight, bias, running_mean,
+                                       running_var, training, eps, residual, has_residual,
+                                       activation, mask, param_dtype);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return act_backward_op().call(grad_output, output, input, weight, bias, running_mean,
+                                running_var, save_mean, save_var, training, eps, residual,
+                                has_residual, activation, mask, param_dtype);
 }
 
 ForwardResult batch_norm_backward_autograd(const Tensor& grad_output, const Tensor& input,
@@ -289,14 +446,55 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
   return output;
 }
 
+// batch_norm_act: batch_norm followed by activation(... + residual), in one kernel pass
+// (batch_norm_act_forward), with the same checks, fast path and update.
+Tensor batch_norm_act(const Tensor& input, const optional<Tensor>& weight,
+                      const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                      const optional<Tensor>& running_var, bool training,
+                      optional<double> momentum, double eps,
+                      const optional<Tensor>& num_batches_tracked,
+                      const optional<Tensor>& residual, c10::string_view activation) {
+  check_functional_args(input, training, eps);
+  if (input.sym_numel() == 0) {  // as batch_norm, then the residual and the activation
+    Tensor out = input.clone();
+    if (given(weight)) out = out * (*weight)[0];
+    if (given(bias)) out = out + (*bias)[0];
+    if (given(residual)) out = out + *residual;
+    if (activation == "relu") out = at::relu(out);
+    if (activation == "silu") out = at::silu(out);
+    return out;
+  }
+  Tensor output, save_mean, save_var;
+  if (needs_python_autograd(input, weight, bias) ||
+      (given(residual) && dual_level_open() && has_tangent(*residual))) {
+    std::tie(output, save_mean, save_var) = act_forward_op().call(
+        input, weight, bias, running_mean, running_var, training, eps, residual, activation);
+  } else {  // the eager fast path, as in batch_norm
+    check_not_requiring_grad(running_mean, running_var);
+    const variable_list out = BatchNormActFunction::apply(
+        input, weight, bias, without_tangent(running_mean), without_tangent(running_var),
+        training, eps, residual, activation);
+    output = out[0], save_mean = out[1], save_var = out[2];
+  }
+  if (training && given(running_mean)) {
+    at::NoGradGuard no_grad;
+    Tensor rm = *running_mean, rv = *running_var;
+    update_op().call(rm, rv, save_mean, save_var, input.sym_numel() / input.sym_size(1), momentum,
+                     num_batches_tracked);
+  }
+  return output;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchnorm_ext, Autograd, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_autograd);
 }
 
 TORCH_LIBRARY_IMPL(batchnorm_ext, CompositeImplicitAutograd, m) {
   m.impl("batch_norm", &batch_norm);
+  m.impl("batch_norm_act", &batch_norm_act);
 }
 
 // Under vmap the batched key comes before the composite kernel (and the batched fallback
@@ -305,6 +503,7 @@ TORCH_LIBRARY_IMPL(batchnorm_ext, CompositeImplicitAutograd, m) {
 // update_running_stats_ (batchnorm_ext/_vmap.py), which hold native's semantics.
 TORCH_LIBRARY_IMPL(batchnorm_ext, FuncTorchBatched, m) {
   m.impl("batch_norm", &batch_norm);
+  m.impl("batch_norm_act", &batch_norm_act);
 }
 
 }  // namespace batchnorm_ext

@@ -68,4 +68,11 @@ TORCH_LIBRARY(batchnorm_ext, m) {
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
       "Tensor? num_batches_tracked=None) -> Tensor");
+
+  // batch_norm followed by activation(... + residual) ('identity', 'relu' or 'silu'), in
+  // one pass over memory: batch_norm_act_forward, and the update of batch_norm.
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
+      "Tensor? num_batches_tracked=None, Tensor? residual=None, str activation='relu') -> Tensor");
 }

@@ -186,5 +186,5 @@ def test_example_runs_with_torchrun():
                os.path.join(root, "examples", "train_syncbn_ddp.py"), "--steps", "3"]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
     assert "3 steps on 2 processes" in done.stdout
