@@ -134,18 +134,25 @@ std::tuple<Tensor, Tensor> stats(const Tensor& input) {
   return batch_statistics(input);
 }
 
-Tensor apply(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
-             const Tensor& mean, const Tensor& var, double eps) {
-  check_inputs(input, weight, bias, std::nullopt, std::nullopt, true);
-  check_batch_statistics(input, mean, var);
+// (input - mean) / sqrt(var + eps) * weight + bias, in the opmath type; float64 statistics.
+Tensor normalized(const Tensor& input, const optional<Tensor>& weight,
+                  const optional<Tensor>& bias, const Tensor& mean, const Tensor& var,
+                  double eps) {
   const auto opmath = at::toOpMathType(input.scalar_type());
   const Tensor invstd = (var + eps).rsqrt();
   Tensor scale = given(weight) ? invstd * weight->to(at::kDouble) : invstd;
   Tensor shift = -mean * scale;
   if (given(bias)) shift = shift + bias->to(at::kDouble);
-  Tensor output = input.to(opmath) * per_channel(scale.to(opmath), input) +
-                  per_channel(shift.to(opmath), input);
-  return output.to(input.scalar_type())
+  return input.to(opmath) * per_channel(scale.to(opmath), input) +
+         per_channel(shift.to(opmath), input);
+}
+
+Tensor apply(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+             const Tensor& mean, const Tensor& var, double eps) {
+  check_inputs(input, weight, bias, std::nullopt, std::nullopt, true);
+  check_batch_statistics(input, mean, var);
+  return normalized(input, weight, bias, mean, var, eps)
+      .to(input.scalar_type())
       .contiguous(output_format(input, {weight.value_or(Tensor()), bias.value_or(Tensor())}));
 }
 
@@ -178,6 +185,64 @@ Tensor backward_apply(const Tensor& grad_output, const Tensor& input,
   return grad_input.to(input.scalar_type()).contiguous(output_format(input, {grad_output}));
 }
 
+// The fused operators (batch_norm_act): activation(batch_norm(input) + residual).
+
+void check_activation(c10::string_view activation) {
+  TORCH_CHECK_VALUE(activation == "identity" || activation == "relu" || activation == "silu",
+                    "batch_norm: activation must be 'identity', 'relu' or 'silu', got '",
+                    std::string(activation), "'");
+}
+
+void check_like_input(const Tensor& input, const Tensor& t, const char* what) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "batch_norm: ", what, " of size ", t.sizes(),
+              " does not match input of size ", input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(),
+              "batch_norm: ", what, " must have the input's dtype and device");
+}
+
+Result3 act_forward(const Tensor& input, const optional<Tensor>& weight,
+                    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                    const optional<Tensor>& running_var, bool training, double eps,
+                    const optional<Tensor>& residual, c10::string_view activation) {
+  check_activation(activation);
+  if (given(residual)) check_like_input(input, *residual, "residual");
+  auto [output, mean, var] = forward(input, weight, bias, running_mean, running_var, training, eps);
+  if (given(residual)) output = output + *residual;
+  if (activation == "relu") output = at::relu(output);
+  if (activation == "silu") output = at::silu(output);
+  return {output, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> act_backward(
+    const Tensor& grad_output, const optional<Tensor>& output, const Tensor& input,
+    const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const Tensor& save_mean, const Tensor& save_var, bool training, double eps,
+    const optional<Tensor>& residual, bool has_residual, c10::string_view activation,
+    std::array<bool, 4> mask, optional<c10::ScalarType> param_dtype) {
+  check_activation(activation);
+  // dz: the gradient at the activation's input z = batch_norm(input) + residual.
+  Tensor dz = grad_output;
+  if (activation == "relu") {
+    TORCH_CHECK(given(output), "batch_norm_act_backward: the relu backward needs the forward's output");
+    dz = at::threshold_backward(grad_output, *output, 0);
+  } else if (activation == "silu") {
+    TORCH_CHECK(!has_residual || given(residual),
+                "batch_norm_act_backward: the silu backward needs the forward's residual");
+    const Tensor mean = training ? save_mean : running_mean->to(at::kDouble);
+    const Tensor var = training ? save_var : running_var->to(at::kDouble);
+    Tensor z = normalized(input, weight, bias, mean, var, eps);
+    if (has_residual) z = z + *residual;
+    dz = at::silu_backward(grad_output, z.to(input.scalar_type()));
+  }
+  auto [grad_input, grad_weight, grad_bias] =
+      backward(dz, input, weight, running_mean, running_var, save_mean, save_var, training, eps,
+               {mask[0], mask[1], mask[2]}, param_dtype);
+  Tensor grad_residual;
+  if (has_residual && mask[3]) grad_residual = dz.is_same(grad_output) ? dz.clone() : dz;
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchnorm_ext, CompositeExplicitAutograd, m) {
@@ -188,6 +253,8 @@ TORCH_LIBRARY_IMPL(batchnorm_ext, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_apply", &apply);
   m.impl("batch_norm_backward_reduce", &backward_reduce);
   m.impl("batch_norm_backward_apply", &backward_apply);
+  m.impl("batch_norm_act_forward", &act_forward);
+  m.impl("batch_norm_act_backward", &act_backward);
 }
 
 }  // namespace batchnorm_ext

@@ -27,7 +27,8 @@ def one_thread():
 
 
 OPS = ["batch_norm_forward", "batch_norm_backward", "update_running_stats_", "batch_norm_stats",
-       "batch_norm_apply", "batch_norm_backward_reduce", "batch_norm_backward_apply"]
+       "batch_norm_apply", "batch_norm_backward_reduce", "batch_norm_backward_apply",
+       "batch_norm_act_forward", "batch_norm_act_backward"]
 
 
 class Net(torch.nn.Module):
@@ -398,9 +399,13 @@ class OnFallbackKernels(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_model_trains_on_the_fallback_kernels_as_native(channels_last):
+def test_model_trains_on_the_fallback_kernels_as_native(channels_last, fused):
     native, ours = pair(training=True)
+    if fused:  # the batch norm and the ReLU after it in one operator (batch_norm_act)
+        ours = batchnorm_ext.fuse(ours)
+        assert isinstance(ours.bn, batchnorm_ext.BatchNormAct2d)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [x.contiguous(memory_format=fmt) for x in inputs(3)]
 
@@ -458,6 +463,31 @@ def test_fallback_kernels_match_cpu_kernels(layout):
     assert_like(fallback(ops.batch_norm_backward_apply)(grad, x, w, mean, var, sums, 150, 1e-5),
                 ops.batch_norm_backward_apply(grad, x, w, mean, var, sums, 150, 1e-5),
                 rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fallback_fused_kernels_match_cpu_kernels(activation, with_residual):
+    """batch_norm_act: activation(batch_norm(input) + residual), forward and backward."""
+    ops = batchnorm_ext.ops
+    x = torch.randn(6, 4, 5, 5) * 2 + 1
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    residual = torch.randn_like(x) if with_residual else None
+    grad = torch.randn_like(x)
+    for training in (True, False):
+        args = (x, w, b, rm, rv, training, 1e-5, residual, activation)
+        expected = ops.batch_norm_act_forward(*args)
+        result = fallback(ops.batch_norm_act_forward)(*args)
+        for e, r in zip(expected, result):
+            assert_like(r, e, rtol=1e-5, atol=1e-5)
+        output, mean, var = expected
+        args = (grad, output, x, w, b, rm, rv, mean, var, training, 1e-5, residual, with_residual,
+                activation, [True, True, True, with_residual])
+        for e, r in zip(ops.batch_norm_act_backward(*args), fallback(ops.batch_norm_act_backward)(*args)):
+            assert (r is None) == (e is None)
+            if e is not None:
+                assert_like(r, e, rtol=1e-4, atol=1e-5)
 
 
 def test_fallback_checks_arguments_as_cpu():
