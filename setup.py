@@ -96,6 +96,7 @@ sources = [
     "csrc/ops.cpp",
     "csrc/batch_norm_cpu.cpp",
     "csrc/autograd.cpp",
+    "csrc/fallback.cpp",
     "csrc/cpu/dispatch.cpp",
     "csrc/cpu/kernel_default.cpp",
 ]

@@ -5,16 +5,22 @@ statistics, as custom operators with autograd.
     bn = batchnorm_ext.BatchNorm2d(64)            # a drop-in for torch.nn.BatchNorm2d
     y = batchnorm_ext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
     model = batchnorm_ext.convert_model(model)    # every torch.nn.BatchNorm*d swapped
+    model = batchnorm_ext.revert_model(model)     # and back
 """
 import torch  # noqa: F401  (first: _C links against torch's libraries, loaded by it)
 
 from . import _C
+from ._onnx import onnx_translation_table, register_torchscript_symbolic as _register_symbolic
 from ._ops import ops
 from . import _autograd, _vmap  # noqa: F401  (Python kernels: Autograd of batch_norm_forward, vmap rules)
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, OnOurKernel, convert_model,
+                      fuser_method_mapping, register_conversion, revert_model,
+                      revert_sync_batchnorm)
 from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fuse
 from .sync import SyncBatchNorm
+
+_register_symbolic()
 
 __version__ = "0.1.0"
 
@@ -37,11 +43,17 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "OnOurKernel",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",
     "fuse",
     "cpu_capability",
-    "set_cpu_capability",
+    "fuser_method_mapping",
+    "onnx_translation_table",
     "ops",
+    "register_conversion",
+    "revert_model",
+    "revert_sync_batchnorm",
+    "set_cpu_capability",
 ]

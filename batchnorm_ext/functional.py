@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from . import _onnx
 from ._ops import ACTIVATIONS, ops
 
 _batch_norm = ops.batch_norm.default
@@ -23,6 +24,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
+    if _onnx.exporting():  # torch.onnx.export(dynamo=True): see _onnx.py
+        output = _onnx.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
+        output = output if residual is None else output + residual
+        return _ACTIVATION_FUNCTIONS[activation or "identity"](output)
     if residual is None and activation in (None, "identity"):
         return _normalize(input, weight, bias, running_mean, running_var, training, momentum, eps,
                           None)

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import ops
-from .functional import _normalize
-from .modules import batch_norm_arguments
+from .modules import _fx_call_module, OnOurKernel, _traced_by_fx
 
 
 def merge_statistics(counts, means, m2s):
@@ -68,11 +67,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(OnOurKernel, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm's constructor, parameters, buffers and state_dict, on the CPU.
 
     Not a subclass of torch.nn.SyncBatchNorm: DistributedDataParallel refuses those in CPU
-    modules ("SyncBatchNorm layers only work with GPU modules").
+    modules ("SyncBatchNorm layers only work with GPU modules").  On other devices the
+    operators run torch's own batch norm (csrc/fallback.cpp).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -86,17 +86,19 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input):
+        if _traced_by_fx(self, input):  # a call_module node, as FX records torch.nn.SyncBatchNorm
+            return _fx_call_module(self, input)
         self._check_input_dim(input)
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        running_mean, running_var, use_batch_stats, momentum, counter = batch_norm_arguments(self)
+        running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_arguments()
         group, world_size = None, 1
         if use_batch_stats and self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
         if world_size == 1:  # eval, no process group, or a group of one: plain batch norm
-            return _normalize(input, self.weight, self.bias, running_mean, running_var,
-                              use_batch_stats, momentum, self.eps, counter)
+            return self._batch_norm_eager(input, running_mean, running_var, use_batch_stats,
+                                          momentum, counter)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, self.eps, momentum, counter, group,
                                             world_size)

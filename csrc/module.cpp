@@ -1,7 +1,8 @@
 // batchnorm_ext._C: importing this module loads the shared library, and loading it runs
-// the TORCH_LIBRARY registrations in ops.cpp, batch_norm_cpu.cpp and autograd.cpp.  The
-// operators are reached through torch.ops.batchnorm_ext; the module itself only tells
-// which instruction set the kernels use, and lets tests and benchmarks pick a lesser one.
+// the TORCH_LIBRARY registrations in ops.cpp, batch_norm_cpu.cpp, autograd.cpp and
+// fallback.cpp.  The operators are reached through torch.ops.batchnorm_ext; the module
+// itself only tells which instruction set the kernels use, and lets tests and benchmarks
+// pick a lesser one.
 #include <Python.h>
 
 #include "cpu/kernel_api.h"
