@@ -28,12 +28,14 @@ one whose batch norm is simply followed by its own activation module keeps its c
 activation module being replaced by nn.Identity.
 """
 import operator
+from typing import Optional
 
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import modules
+from . import _onnx, modules
 
 _ACTIVATION_MODULES = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu"}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
@@ -47,7 +49,8 @@ class _BatchNormAct:
     """A batch norm followed by `activation(... + residual)`: forward(input, residual=None).
 
     The same parameters, buffers, state_dict and constructor as the batch norm (plus
-    `activation`: 'identity', 'relu' or 'silu')."""
+    `activation`: 'identity', 'relu' or 'silu').  Like our other modules, it runs in eager
+    mode, TorchScript, FX tracing (one call_module node) and ONNX export."""
 
     def __init__(self, *args, activation="relu", **kwargs):
         super().__init__(*args, **kwargs)
@@ -55,11 +58,30 @@ class _BatchNormAct:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
 
-    def forward(self, input, residual=None):
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            self._check_input_dim(input)
+            running_mean, running_var, use_batch_stats, momentum, counter = \
+                self._batch_norm_arguments()
+            return torch.ops.batchnorm_ext.batch_norm_act(
+                input, self.weight, self.bias, running_mean, running_var, use_batch_stats,
+                momentum, self.eps, counter, residual, self.activation)
+        return self._forward_act_eager(input, residual)
+
+    @torch.jit.unused
+    def _forward_act_eager(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        if modules._traced_by_fx(self, input):
+            tracer = input.tracer
+            args = (input,) if residual is None else (input, residual)
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         self._check_input_dim(input)
+        running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_arguments()
+        if _onnx.exporting():  # BatchNormalization, then the add and the activation
+            output = _onnx.batch_norm(input, self.weight, self.bias, running_mean, running_var,
+                                      use_batch_stats, self.eps)
+            output = output if residual is None else output + residual
+            return {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}[self.activation](output)
         from .functional import _normalize_act
-        running_mean, running_var, use_batch_stats, momentum, counter = \
-            modules.batch_norm_arguments(self)
         return _normalize_act(input, self.weight, self.bias, running_mean, running_var,
                               use_batch_stats, momentum, self.eps, counter, residual,
                               self.activation)
@@ -86,10 +108,11 @@ _BATCH_NORMS = {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2, torch.nn.Batch
 
 
 def _timm_batch_norm_act(module):
-    """timm's BatchNormAct2d with no dropout and an activation we fuse: that activation's
-    name ('identity' for none), else None."""
-    cls = type(module)
-    if cls.__name__ != "BatchNormAct2d" or not cls.__module__.startswith("timm."):
+    """timm's BatchNormAct2d (or ours of it, from convert_model) with no dropout and an
+    activation we fuse: that activation's name ('identity' for none), else None."""
+    timm_class = next((c for c in type(module).__mro__ if c.__name__ == "BatchNormAct2d" and
+                       c.__module__.startswith("timm.")), None)
+    if timm_class is None or type(module) not in (timm_class, modules._CONVERSIONS.get(timm_class)):
         return None
     if not isinstance(getattr(module, "drop", None), torch.nn.Identity):
         return None

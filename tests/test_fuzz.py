@@ -106,7 +106,11 @@ def assert_agrees(ours, native, oracle, dtype, what, conditioning=1.0, data_scal
     if dtype == torch.float64 or oracle is None:
         assert dtype == torch.float64, what
         magnitude = max(1.0, native.double().nan_to_num().abs().max().item())
-        bound = 8 * torch.finfo(torch.float64).eps * max(conditioning * magnitude, data_floor)
+        # 16 ulps, not 8: ours and native each round on their own, each within 8 ulps (times
+        # the conditioning) of the exact result, so they may differ by the sum.  (Seen:
+        # after a torch.compile test in the same process, native's float64 result moved
+        # by a few ulps, and ours was 1.02 times the 8-ulp bound from it.)
+        bound = 16 * torch.finfo(torch.float64).eps * max(conditioning * magnitude, data_floor)
         error = (ours.double() - native.double()).nan_to_num().abs().max().item()
         assert error <= bound, (what, error, bound)
         return

@@ -185,6 +185,15 @@ def test_example_runs_with_torchrun():
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(root, "examples", "train_syncbn_ddp.py"), "--steps", "3"]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+    # torch's gloo teardown sometimes aborts a process after the work is done ("terminate
+    # called without an active exception" at exit): about 1 run in 10 on this project's
+    # machines, with plain torch.nn.BatchNorm2d and without batchnorm_ext imported too.
+    # Such a run is tried again (at most twice more); any other failure fails at once.
+    for attempt in range(3):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+        teardown_abort = (done.returncode != 0 and "3 steps on 2 processes" in done.stdout
+                          and "terminate called without an active exception" in done.stderr)
+        if not teardown_abort:
+            break
+    assert done.returncode == 0, (attempt, done.returncode, done.stdout[-2000:], done.stderr[-3000:])
     assert "3 steps on 2 processes" in done.stdout
