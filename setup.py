@@ -100,10 +100,16 @@ sources = [
     "csrc/cpu/dispatch.cpp",
     "csrc/cpu/kernel_default.cpp",
 ]
-if X86:
-    sources += ["csrc/cpu/kernel_avx2.cpp", "csrc/cpu/kernel_avx512.cpp"]
-    if AVX512_BF16:
-        sources += ["csrc/cpu/kernel_avx512bf16.cpp"]
+# BATCHNORM_EXT_KERNELS=default,avx512 (for one): only these kernel builds (the DEFAULT one
+# always); the sanitized build (scripts/sanitize.sh) takes the two widths of vector code.
+KERNELS = {"avx2", "avx512", "avx512bf16"}
+if os.environ.get("BATCHNORM_EXT_KERNELS"):
+    KERNELS &= set(os.environ["BATCHNORM_EXT_KERNELS"].lower().split(","))
+if not X86:
+    KERNELS = set()
+elif not AVX512_BF16:
+    KERNELS.discard("avx512bf16")
+sources += [f"csrc/cpu/kernel_{isa}.cpp" for isa in ("avx2", "avx512", "avx512bf16") if isa in KERNELS]
 
 # BATCHNORM_EXT_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer build (see
 # scripts/sanitize.sh, which also preloads their runtimes into Python).
@@ -122,7 +128,7 @@ setup(
             # -g0: no debug information (Python's flags ask for it), which halves the build.
             extra_compile_args=["-O3", "-g0", "-fopenmp", "-DNDEBUG"]
             + (["-DBATCHNORM_EXT_X86"] if X86 else [])
-            + (["-DBATCHNORM_EXT_AVX512_BF16"] if AVX512_BF16 else [])
+            + [f"-DBATCHNORM_EXT_KERNEL_{isa.upper()}" for isa in sorted(KERNELS)]
             + (SANITIZE if sanitize else []),
             extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []),
         )

@@ -27,9 +27,15 @@ PyObject* set_cpu_capability(PyObject*, PyObject* name) {
   Py_RETURN_NONE;
 }
 
+PyObject* built_capabilities(PyObject*, PyObject*) {
+  return PyUnicode_FromString(batchnorm_ext::cpu::built_capabilities().c_str());
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The instruction set the kernels use: 'AVX512_BF16', 'AVX512', 'AVX2' or 'DEFAULT'."},
+    {"built_capabilities", built_capabilities, METH_NOARGS,
+     "The instruction sets kernels were built for, comma-separated, best first."},
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "Use the kernels built for this instruction set (one the CPU supports)."},
     {nullptr, nullptr, 0, nullptr},

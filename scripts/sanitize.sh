@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 out=build-sanitize
 echo "[sanitize] compiling batchnorm_ext with AddressSanitizer + UndefinedBehaviorSanitizer into $out/"
 rm -rf "$out/lib"
-BATCHNORM_EXT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)} .venv/bin/python setup.py -q build_ext \
+# The kernels of two vector widths (AVX-512: 16 floats; DEFAULT: 8, as AVX2) cover the
+# kernel code; AVX2 and AVX512_BF16 add only their instructions, and half the build time.
+BATCHNORM_EXT_SANITIZE=1 BATCHNORM_EXT_KERNELS=default,avx512 MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)} .venv/bin/python setup.py -q build_ext \
   --build-temp "$out/tmp" --build-lib "$out/lib" >/dev/null
 cp batchnorm_ext/*.py "$out/lib/batchnorm_ext/"
 root=$PWD

@@ -13,7 +13,7 @@ settings.register_profile("long", max_examples=5000, deadline=None,
 settings.load_profile(os.environ.get("BATCHNORM_EXT_FUZZ", "ci"))
 
 import batchnorm_ext
-from helpers import ALL_BUILDS, available_capabilities
+from helpers import ALL_BUILDS, BUILT, available_capabilities
 
 
 def pytest_report_header(config):
@@ -26,6 +26,8 @@ def report_header_lines():
     tested = available_capabilities()
     untested = [b for b in ALL_BUILDS if b not in tested]
     why = "this CPU cannot run them"
+    if any(b not in BUILT for b in ALL_BUILDS):
+        why += f", or the extension was built without them (built: {', '.join(BUILT)})"
     if os.environ.get("ATEN_CPU_CAPABILITY"):
         why += f", or ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} rules them out"
     return [f"batchnorm_ext kernel builds tested: {', '.join(tested)}",

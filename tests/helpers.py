@@ -9,9 +9,14 @@ ALL_BUILDS = ["AVX512_BF16", "AVX512", "AVX2", "DEFAULT"]
 BEST_BUILD = batchnorm_ext.cpu_capability()
 
 
+# The builds compiled into this extension, best first: all of them, unless setup.py was
+# told fewer (BATCHNORM_EXT_KERNELS; the sanitized build takes DEFAULT and AVX512).
+BUILT = batchnorm_ext._C.built_capabilities().split(",")
+
+
 def available_capabilities():
-    """The kernel builds this CPU can run, best first."""
-    return ALL_BUILDS[ALL_BUILDS.index(BEST_BUILD):]
+    """The kernel builds this CPU can run and this extension has, best first."""
+    return [b for b in ALL_BUILDS[ALL_BUILDS.index(BEST_BUILD):] if b in BUILT]
 
 # How close ours must be to native, per dtype.  Both round to the dtype at the end, so
 # they may differ by about one unit in the last place of the output dtype: ~1e-7 relative

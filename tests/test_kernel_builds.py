@@ -7,7 +7,7 @@ import platform
 import pytest
 
 import batchnorm_ext
-from helpers import ALL_BUILDS, BEST_BUILD, available_capabilities
+from helpers import ALL_BUILDS, BEST_BUILD, BUILT, available_capabilities
 
 # What each build needs (setup.py's flags; ATen's own check for AVX512 and AVX2, as in
 # aten/src/ATen/native/DispatchStub.cpp, compute_cpu_capability).
@@ -25,11 +25,11 @@ def cpu_flags():
 
 
 def expected_builds():
-    """The builds this CPU can run, from its flags, best first; ATEN_CPU_CAPABILITY
+    """The builds this CPU can run, from its flags, and the extension has, best first; ATEN_CPU_CAPABILITY
     (avx512, avx2 or default) caps them, and then AVX512_BF16 is not taken (dispatch.cpp:
     it is then ATen's choice exactly)."""
     flags = cpu_flags()
-    runnable = [b for b in ALL_BUILDS if NEEDS[b] <= flags]
+    runnable = [b for b in ALL_BUILDS if NEEDS[b] <= flags and b in BUILT]
     forced = os.environ.get("ATEN_CPU_CAPABILITY")
     if forced:
         cap = forced.upper()
@@ -57,6 +57,9 @@ def test_builds_left_out_are_refused():
             if build in available_capabilities():
                 batchnorm_ext.set_cpu_capability(build)
                 assert batchnorm_ext.cpu_capability() == build
+            elif build not in BUILT:
+                with pytest.raises(ValueError, match=f"no kernels built for CPU capability '{build}'"):
+                    batchnorm_ext.set_cpu_capability(build)
             else:
                 with pytest.raises(ValueError, match=f"this CPU does not support {build}"):
                     batchnorm_ext.set_cpu_capability(build)

@@ -19,15 +19,20 @@ struct Choice {
 
 // Best first.
 const Choice kChoices[] = {
-#ifdef BATCHNORM_EXT_AVX512_BF16
+#ifdef BATCHNORM_EXT_KERNEL_AVX512BF16
     {"AVX512_BF16", &kernels_AVX512_BF16},
 #endif
-#ifdef BATCHNORM_EXT_X86
+#ifdef BATCHNORM_EXT_KERNEL_AVX512
     {"AVX512", &kernels_AVX512},
+#endif
+#ifdef BATCHNORM_EXT_KERNEL_AVX2
     {"AVX2", &kernels_AVX2},
 #endif
     {"DEFAULT", &kernels_DEFAULT},
 };
+
+// Best first, all of them: ATen's answer is found among these, built or not.
+const char* const kAll[] = {"AVX512_BF16", "AVX512", "AVX2", "DEFAULT"};
 
 const Choice* find(const std::string& name) {
   for (const Choice& choice : kChoices) {
@@ -36,10 +41,10 @@ const Choice* find(const std::string& name) {
   return nullptr;
 }
 
-// The best set ATen's own check allows on this CPU: the first of kChoices at or below it.
+// The best set ATen's own check allows on this CPU, if built, else the next one built below it.
 const Choice* best_choice() {
   std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
-#ifdef BATCHNORM_EXT_AVX512_BF16
+#ifdef BATCHNORM_EXT_X86
   // Not when ATEN_CPU_CAPABILITY chose: then it is ATen's choice exactly.
   if (aten == "AVX512" && std::getenv("ATEN_CPU_CAPABILITY") == nullptr &&
       __builtin_cpu_supports("avx512bf16")) {
@@ -47,9 +52,9 @@ const Choice* best_choice() {
   }
 #endif
   bool reached = false;
-  for (const Choice& choice : kChoices) {
-    reached = reached || aten == choice.name;
-    if (reached) return &choice;
+  for (const char* name : kAll) {
+    reached = reached || aten == name;
+    if (reached && find(name) != nullptr) return find(name);
   }
   return find("DEFAULT");
 }
@@ -72,6 +77,12 @@ const Choice& active_choice() {
 const KernelTable& active_kernels() { return *active_choice().table; }
 
 std::string cpu_capability() { return active_choice().name; }
+
+std::string built_capabilities() {
+  std::string names;
+  for (const Choice& choice : kChoices) names += (names.empty() ? "" : ",") + std::string(choice.name);
+  return names;
+}
 
 void set_cpu_capability(const std::string& name) {
   const Choice* choice = find(name);

@@ -100,20 +100,19 @@ struct KernelTable {
   void (*backward)(const BackwardArgs&);
 };
 
+// Each built where setup.py defines BATCHNORM_EXT_KERNEL_<ISA> (x86; AVX512_BF16 only where
+// the compiler has -mavx512bf16); DEFAULT always.
 extern const KernelTable kernels_DEFAULT;
-#ifdef BATCHNORM_EXT_X86
 extern const KernelTable kernels_AVX2;
 extern const KernelTable kernels_AVX512;
-#endif
-#ifdef BATCHNORM_EXT_AVX512_BF16  // only where the compiler has -mavx512bf16 (setup.py)
 extern const KernelTable kernels_AVX512_BF16;
-#endif
 
 // The kernels for this CPU (chosen on first use, see dispatch.cpp).
 const KernelTable& active_kernels();
 // "DEFAULT", "AVX2", "AVX512" or "AVX512_BF16": the set in use, and a way to force one
-// (tests, benchmarks).
+// (tests, benchmarks); and the sets built, best first.
 std::string cpu_capability();
 void set_cpu_capability(const std::string& name);
+std::string built_capabilities();  // comma-separated
 
 }  // namespace batchnorm_ext::cpu
