@@ -149,8 +149,8 @@ class _BatchNormFunction(torch.autograd.function._SingleLevelFunction):
 
 def _activation_jvp(activation, z_t, output, z):
     """The tangent after the activation, from the tangent z_t of its input z."""
-    if activation == "relu":
-        return torch.where(output > 0, z_t, torch.zeros((), dtype=z_t.dtype))
+    if activation == "relu":  # as threshold_backward: stopped where the output is <= 0
+        return torch.where(output <= 0, torch.zeros((), dtype=z_t.dtype), z_t)
     if activation == "silu":
         sigmoid = z.sigmoid()
         return z_t * sigmoid * (1 + z * (1 - sigmoid))

@@ -74,5 +74,25 @@ def register_torchscript_symbolic():
                           eps, False)
         return symbolic
 
+    def fused_symbolic_for(native):
+        # batch_norm_act: the batch norm as above, then the residual add and the activation.
+        @symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "v", "f", "v", "v", "s")
+        def symbolic(g, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     num_batches_tracked, residual, activation):
+            factor = (0.0 if symbolic_helper._is_none(momentum)
+                      else symbolic_helper._parse_arg(momentum, "f"))
+            out = native(g, input, weight, bias, running_mean, running_var, training, factor,
+                         eps, False)
+            if not symbolic_helper._is_none(residual):
+                out = g.op("Add", out, residual)
+            if activation == "relu":
+                out = g.op("Relu", out)
+            elif activation == "silu":
+                out = g.op("Mul", out, g.op("Sigmoid", out))
+            return out
+        return symbolic
+
     for opset, native in [(9, symbolic_opset9.batch_norm), (14, symbolic_opset14.batch_norm)]:
         register_custom_op_symbolic("batchnorm_ext::batch_norm", symbolic_for(native), opset)
+        register_custom_op_symbolic("batchnorm_ext::batch_norm_act", fused_symbolic_for(native),
+                                    opset)

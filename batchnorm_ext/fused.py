@@ -173,7 +173,8 @@ def _residual_of(add, value):
         return None
     a, b = add.args
     other = b if a is value else a if b is value else None
-    return other if isinstance(other, torch.fx.Node) else None
+    # y + y is no residual: the batch norm's output would be its own residual.
+    return other if isinstance(other, torch.fx.Node) and other is not value else None
 
 
 class _ShallowTracer(torch.fx.Tracer):
@@ -252,7 +253,8 @@ def _fuse_module(module, times_used):
     if all(f.residual is None and f.activation_node.op == "call_module" and
            calls[f.activation_node.target] == 1 for f in fusions):
         for fusion in fusions:
-            module.set_submodule(fusion.activation_node.target, torch.nn.Identity())
+            identity = torch.nn.Identity().train(module.get_submodule(fusion.activation_node.target).training)
+            module.set_submodule(fusion.activation_node.target, identity)
         return module
     # Otherwise the forward changes: the batch norm's call takes the residual and replaces
     # the add and the activation.

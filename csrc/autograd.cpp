@@ -308,8 +308,8 @@ ActBackwardResult differentiable_act_backward(
     std::array<bool, 4> mask, optional<c10::ScalarType> param_dtype) {
   const auto opmath = at::toOpMathType(input.scalar_type());
   Tensor dz = grad_output;
-  if (activation == "relu") {
-    dz = at::where(*output > 0, grad_output, at::zeros({}, grad_output.options()));
+  if (activation == "relu") {  // threshold_backward's: stopped where the output is <= 0
+    dz = at::where(*output <= 0, at::zeros({}, grad_output.options()), grad_output);
   } else if (activation == "silu") {
     std::vector<int64_t> reduce_dims = {0};
     for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);

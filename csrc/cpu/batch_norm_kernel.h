@@ -1,7 +1,7 @@
-// Batch normalization kernels, part 5: the entry points, one template for every dtype and
+// Batch normalization kernels, part 6: the entry points, one template for every dtype and
 // both layouts, and the table of them for this instruction set.  kernel_<isa>.cpp compiles
-// this header (and the four it includes: vec_io.h, moments.h, channels_first.h,
-// channels_last.h) once per instruction set.
+// this header (and the five it includes: vec_io.h, moments.h, channels_first.h,
+// channels_last.h, epilogues.h) once per instruction set.
 //
 // T is the input dtype, P the parameter dtype (T, or float for mixed bfloat16/half input).
 #pragma once

@@ -44,8 +44,9 @@ struct Act<Activation::Identity> {
   }
 };
 
-// ReLU, as torch.relu: max(z, 0), NaN kept; its gradient passes where the output is
-// positive (threshold_backward(dy, y, 0)), so the backward reads y, not z.
+// ReLU, as torch.relu: max(z, 0), NaN kept; its gradient is stopped where the output is
+// <= 0 and passes elsewhere, NaN outputs included (threshold_backward(dy, y, 0)), so the
+// backward reads y, not z.
 template <>
 struct Act<Activation::ReLU> {
   static constexpr bool kBackwardReadsOutput = true;
@@ -63,9 +64,9 @@ struct Act<Activation::ReLU> {
   template <typename V>
   static V backward(V dy, V y, V /*z*/) {
     if constexpr (is_vector_v<V>) {
-      return V::blendv(V(0), dy, y > V(0));
+      return V::blendv(dy, V(0), y <= V(0));
     } else {
-      return y > V(0) ? dy : V(0);
+      return y <= V(0) ? V(0) : dy;
     }
   }
 };

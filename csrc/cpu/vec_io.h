@@ -1,8 +1,8 @@
 // Batch normalization kernels, part 1: values between memory and vector registers.
 //
-// The kernels are five headers, read in this order: vec_io.h (this one), moments.h,
-// channels_first.h, channels_last.h, and batch_norm_kernel.h, the entry points, which
-// includes the others.  They are compiled once per instruction set (kernel_default.cpp,
+// The kernels are six headers, read in this order: vec_io.h (this one), moments.h,
+// channels_first.h, channels_last.h, epilogues.h (what a fused batch norm applies after
+// normalizing), and batch_norm_kernel.h, the entry points, which includes the others.  They are compiled once per instruction set (kernel_default.cpp,
 // kernel_avx2.cpp, kernel_avx512.cpp, kernel_avx512bf16.cpp), each time with
 // CPU_CAPABILITY naming it, so everything lives in the namespace CPU_CAPABILITY, as at::vec
 // does.
