@@ -183,6 +183,9 @@ def grad_input_scale(x, grad_input, weight, eps, training, running_var):
     if weight is not None:
         scale = scale * weight.double().abs()
     return 4.0 * scale.max().item()  # |grad_output| < 4: N(0, 1) draws of these sizes
+
+
+def input_scale(x):
     """max |x| over the finite values of the input (0 for an empty one)."""
     x64 = x.detach().double()
     x64 = x64[x64.isfinite()]
