@@ -95,10 +95,16 @@ void forward_typed(const ForwardArgs& args) {
 
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
-    auto normalize = [&](int64_t c, const Block& block) {
-      const acc_t m = mean[c], s = scale[c], t = shift[c];
-      with_output_epilogue([&](auto e, auto epilogue) {
-        using E = decltype(e);
+    auto moments = [&](int64_t, const Block& b) { return block_moments(x, b); };
+    if (args.training && !given && !y) {  // statistics only
+      channels_first_reduce_apply<Moments>(blocks, moments, finish, [](int64_t, const Block&) {});
+      return;
+    }
+    // The epilogue is chosen once, outside the loops (blocks can be short: a 7x7 plane).
+    with_output_epilogue([&](auto e, auto epilogue) {
+      using E = decltype(e);
+      auto normalize = [&](int64_t c, const Block& block) {
+        const acc_t m = mean[c], s = scale[c], t = shift[c];
         block.for_each_run([&](int64_t offset, int64_t len) {
           auto write = [&](auto f) {
             if constexpr (E::kResidual) {
@@ -119,16 +125,13 @@ void forward_typed(const ForwardArgs& args) {
             });
           }
         });
-      });
-    };
-    auto moments = [&](int64_t, const Block& b) { return block_moments(x, b); };
-    if (args.training && !given && y) {
-      channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
-    } else if (args.training && !given) {  // statistics only
-      channels_first_reduce_apply<Moments>(blocks, moments, finish, [](int64_t, const Block&) {});
-    } else {
-      channels_first_apply(blocks, normalize);
-    }
+      };
+      if (args.training && !given) {
+        channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
+      } else {
+        channels_first_apply(blocks, normalize);
+      }
+    });
     return;
   }
 
@@ -283,12 +286,14 @@ void backward_typed(const BackwardArgs& args) {
 
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
-    auto block_sums = [&](int64_t c, const Block& block) {
-      const acc_t m = mean[c], s = k_dy[c], t = z_shift[c];
-      return with_grad_epilogue([&](auto e) {
+    // The epilogue is chosen once, outside the loops (blocks can be short: a 7x7 plane).
+    with_grad_epilogue([&](auto e) {
+      using E = decltype(e);
+      auto block_sums = [&](int64_t c, const Block& block) {
+        const acc_t m = mean[c], s = k_dy[c], t = z_shift[c];
         return block_grad_sums(x, block, m, [&](int64_t i, int64_t n) {
           Vec dz;
-          if constexpr (decltype(e)::kActivation == Activation::Identity) {
+          if constexpr (E::kActivation == Activation::Identity) {
             dz = load_vec_n(dy + i, n);
           } else {
             const Vec v = load_vec_n(x + i, n);
@@ -300,38 +305,37 @@ void backward_typed(const BackwardArgs& args) {
           if (grad_residual) store_vec(grad_residual + i, dz, n);
           return dz;
         });
-      });
-    };
-    auto apply = [&](int64_t c, const Block& block) {
-      if (!dx) return;
-      const acc_t a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c], t = z_shift[c];
-      block.for_each_run([&](int64_t offset, int64_t len) {
-        if (dz_in_memory && training) {
-          map_run(stream, dx + offset, len, [=](auto dz, auto v) {
-            using V = decltype(v);
-            return dx_train(dz, v, V(a), V(b), V(k), V(m));
-          }, dz_in_memory + offset, x + offset);
-        } else if (dz_in_memory) {
-          map_run(stream, dx + offset, len, [=](auto dz) {
-            using V = decltype(dz);
-            return dx_eval(dz, V(a));
-          }, dz_in_memory + offset);
-        } else {  // dz from dy and y (ReLU) or x (SiLU), no residual
-          with_epilogue(args.activation, false, [&](auto e) {
+      };
+      auto apply = [&](int64_t c, const Block& block) {
+        if (!dx) return;
+        const acc_t a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c], t = z_shift[c];
+        block.for_each_run([&](int64_t offset, int64_t len) {
+          if (dz_in_memory && training) {
+            map_run(stream, dx + offset, len, [=](auto dz, auto v) {
+              using V = decltype(v);
+              return dx_train(dz, v, V(a), V(b), V(k), V(m));
+            }, dz_in_memory + offset, x + offset);
+          } else if (dz_in_memory) {
+            map_run(stream, dx + offset, len, [=](auto dz) {
+              using V = decltype(dz);
+              return dx_eval(dz, V(a));
+            }, dz_in_memory + offset);
+          } else if constexpr (!E::kResidual && E::kActivation != Activation::Identity) {
+            // dz from dy and y (ReLU) or x (SiLU)
             map_run(stream, dx + offset, len, [=](auto grad, auto v, auto out) {
               using V = decltype(grad);
               const V dz = dz_of(e, grad, v, out, V(m), V(a), V(t));
               return training ? dx_train(dz, v, V(a), V(b), V(k), V(m)) : dx_eval(dz, V(a));
             }, dy + offset, x + offset, out_or_dy + offset);
-          });
-        }
-      });
-    };
-    if (need_sums) {
-      channels_first_reduce_apply<GradSums>(blocks, block_sums, finish, apply);
-    } else {
-      channels_first_apply(blocks, apply);
-    }
+          }
+        });
+      };
+      if (need_sums) {
+        channels_first_reduce_apply<GradSums>(blocks, block_sums, finish, apply);
+      } else {
+        channels_first_apply(blocks, apply);
+      }
+    });
     return;
   }
 
