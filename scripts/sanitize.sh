@@ -21,7 +21,12 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # From inside the sanitized build, so that `import batchnorm_ext` finds it first.
 cd "$out/lib"
 "$root/.venv/bin/python" -c "import batchnorm_ext, sys; f = batchnorm_ext._C.__file__; print('testing', f); sys.exit('build-sanitize' not in f)"
-# The resident-memory soak is left to the normal run: ASan's quarantine holds freed memory
-# on purpose, so resident memory grows under it whatever the code does.
+# Left to the normal run: the resident-memory soak (ASan's quarantine holds freed memory
+# on purpose, so resident memory grows under it whatever the code does), and the zoo's
+# training comparisons (two SGD steps of deep nets, whose float32 rounding the nets amplify
+# chaotically: judged against native's own error, they depend on the exact rounding of
+# the build, and this one is compiled at -O1; every kernel path they take is exercised
+# here by the other tests).
 "$root/.venv/bin/python" -m pytest "$root/tests" -q -p no:cacheprovider \
-  --deselect tests/test_reliability.py::test_no_memory_growth_over_thousands_of_calls "$@"
+  --deselect tests/test_reliability.py::test_no_memory_growth_over_thousands_of_calls \
+  --deselect tests/test_zoo.py::test_trains_like_native "$@"

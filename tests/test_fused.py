@@ -527,7 +527,7 @@ def test_bf16_build_same_bits_as_avx512():
     round as the software ones do: the same bits, forward and backward."""
     builds = available_capabilities()
     if not {"AVX512_BF16", "AVX512"} <= set(builds):
-        pytest.skip(f"this CPU runs {builds}, not both AVX512_BF16 and AVX512")
+        pytest.skip(f"the kernel builds here (this CPU, this build) are {builds}, not both AVX512_BF16 and AVX512")
     previous = batchnorm_ext.cpu_capability()
     try:
         for activation in ACTIVATIONS:

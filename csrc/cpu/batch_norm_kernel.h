@@ -128,6 +128,23 @@ void forward_typed(const ForwardArgs& args) {
       };
       if (args.training && !given) {
         channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
+      } else if (g.inner >= kLanes<T> && g.inner < kShortPlane && !stream) {
+        // Short planes: one run through all the data (see channels_first_map).
+        using Coefficients = std::array<const acc_t*, 3>;
+        auto write = [&](const Coefficients& k, auto f) {
+          if constexpr (E::kResidual) {
+            channels_first_map<3>(g, k, y, f, x, residual);
+          } else {
+            channels_first_map<3>(g, k, y, f, x);
+          }
+        };
+        if (args.training) {
+          write(Coefficients{mean.data(), scale.data(), shift.data()},
+                [&](const auto& c, auto v, auto... r) { return epilogue(centered(v, c[0], c[1], c[2]), r...); });
+        } else {
+          write(Coefficients{mean.data(), scale.data(), shift.data()},
+                [&](const auto& c, auto v, auto... r) { return epilogue(affine(v, c[1], c[2]), r...); });
+        }
       } else {
         channels_first_apply(blocks, normalize);
       }
