@@ -463,6 +463,33 @@ def test_outputs_beyond_the_cache(activation, layout):
     assert ours["output"].stride() == native["output"].stride()
 
 
+@pytest.mark.parametrize("activation,residual", [("identity", False), ("relu", True), ("silu", True)])
+def test_short_planes_from_memory(activation, residual):
+    """Planes of 14x14 values and tensors of 12 MiB: the training statistics and the
+    backward's sums are taken plane by plane in memory order (channels_first_plane_reduce,
+    from 24 MiB touched on), then grad_input in a pass of its own.  Held to a float64 oracle
+    beside native, and the same bits for 1, 2 and 3 threads."""
+    case = Case((16, 1024, 14, 14), "float32", "contiguous", True, residual, activation)
+    assert 2 * case.x.numel() * 4 >= 24 << 20
+    ours, native = _run(batchnorm_ext.batch_norm, case), _run(native_fused, case)
+    oracle = _run(native_fused, case, oracle=True)
+    for name in ours:
+        if ours[name] is None:
+            assert native[name] is None, name
+            continue
+        _assert_no_worse_than_native(name, ours[name], native[name], oracle[name],
+                                     ~case.near_zero if name == "output" else None)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            again = _run(batchnorm_ext.batch_norm, case)
+            for name, value in ours.items():
+                assert (value is None and again[name] is None) or torch.equal(value, again[name]), (threads, name)
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ----------------------------------------------------------------------------------------
 # 3. Bits: kernel builds and thread counts.
 

@@ -96,10 +96,20 @@ void forward_typed(const ForwardArgs& args) {
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
     auto moments = [&](int64_t, const Block& b) { return block_moments(x, b); };
-    if (args.training && !given && !y) {  // statistics only
+    const bool short_planes = g.inner >= kLanes<T> && g.inner < kShortPlane;
+    // Short planes of data from memory: the statistics first, in memory order (see
+    // channels_first_plane_reduce), then the output as in eval.
+    const int64_t tensors = 1 + (y != nullptr) + (residual != nullptr);
+    const bool plane_order = args.training && !given && short_planes &&
+                             tensors * g.count() * C * int64_t(sizeof(T)) >= kPlaneOrderBytes;
+    if (plane_order) {
+      const std::vector<Moments> moments_of = channels_first_plane_reduce<Moments>(g, moments);
+      for (int64_t c = 0; c < C; ++c) finish(c, moments_of[c]);
+    } else if (args.training && !given && !y) {  // statistics only
       channels_first_reduce_apply<Moments>(blocks, moments, finish, [](int64_t, const Block&) {});
       return;
     }
+    if (y == nullptr) return;
     // The epilogue is chosen once, outside the loops (blocks can be short: a 7x7 plane).
     with_output_epilogue([&](auto e, auto epilogue) {
       using E = decltype(e);
@@ -126,9 +136,9 @@ void forward_typed(const ForwardArgs& args) {
           }
         });
       };
-      if (args.training && !given) {
+      if (args.training && !given && !plane_order) {
         channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
-      } else if (g.inner >= kLanes<T> && g.inner < kShortPlane && !stream) {
+      } else if (short_planes && !stream) {
         // Short planes: one run through all the data (see channels_first_map).
         using Coefficients = std::array<const acc_t*, 3>;
         auto write = [&](const Coefficients& k, auto f) {
@@ -347,7 +357,17 @@ void backward_typed(const BackwardArgs& args) {
           }
         });
       };
-      if (need_sums) {
+      // Short planes of data from memory: the sums in memory order (see
+      // channels_first_plane_reduce), then grad_input.
+      const int64_t tensors = 2 + (dx != nullptr) + (grad_residual != nullptr) +
+                              (args.activation == Activation::ReLU) + residual_read;
+      const bool plane_order = need_sums && g.inner >= kLanes<T> && g.inner < kShortPlane &&
+                               tensors * g.count() * C * int64_t(sizeof(T)) >= kPlaneOrderBytes;
+      if (plane_order) {
+        const std::vector<GradSums> sums = channels_first_plane_reduce<GradSums>(g, block_sums);
+        for (int64_t c = 0; c < C; ++c) finish(c, sums[c]);
+        channels_first_apply(blocks, apply);
+      } else if (need_sums) {
         channels_first_reduce_apply<GradSums>(blocks, block_sums, finish, apply);
       } else {
         channels_first_apply(blocks, apply);

@@ -121,6 +121,38 @@ void channels_first_map(const Geometry& g, const std::array<const opmath_t<T>*, 
   });
 }
 
+// Reduces short planes (inner < kShortPlane) in memory order: one Partial per plane
+// (reduce(c, plane)), then a channel's planes merged in batch order.  Walking channel by
+// channel would follow one stream per plane of the channel (and per tensor read), each a
+// few cache lines long: more streams than the hardware prefetcher follows, so every short
+// run waits on its own cache misses.  That costs when the data comes from memory (the
+// tensors a pass touches add up to kPlaneOrderBytes or more); from cache the walk by
+// channel is faster, with its second sweep in L1 (measured on an AMD EPYC: the training
+// forward of 16x2048x7x7, 13 MB touched, 0.64 ms by channel, 0.81 ms in memory order; its
+// fused forward and backward with a residual, 19 and 32 MB touched, 5.8 ms by channel,
+// 3.1 ms in memory order).
+// Planes and merge order do not depend on the number of threads, so neither does the result.
+constexpr int64_t kPlaneOrderBytes = int64_t(24) << 20;
+
+template <typename Partial, typename Reduce>
+std::vector<Partial> channels_first_plane_reduce(const Geometry& g, Reduce reduce) {
+  const int64_t planes = g.batch * g.channels;
+  std::vector<Partial> partials(planes);
+  at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / g.inner), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      partials[p] = reduce(p % g.channels, Block{p * g.inner, 1, g.inner, 0});
+    }
+  });
+  std::vector<Partial> totals(g.channels);
+  at::parallel_for(0, g.channels, std::max<int64_t>(1, kGrain / g.batch), [&](int64_t begin, int64_t end) {
+    // Channels inner: their merges are independent, so the divisions in them overlap.
+    for (int64_t n = 0; n < g.batch; ++n) {
+      for (int64_t c = begin; c < end; ++c) merge(totals[c], partials[n * g.channels + c]);
+    }
+  });
+  return totals;
+}
+
 // The shape shared by the training forward and the backward: reduce every block to a
 // Partial (Moments or GradSums), merge a channel's partials in block order, turn the total
 // into per-channel coefficients (finish), then write the output block by block (apply).
