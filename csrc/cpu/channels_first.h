@@ -126,13 +126,13 @@ void channels_first_map(const Geometry& g, const std::array<const opmath_t<T>*, 
 // channel would follow one stream per plane of the channel (and per tensor read), each a
 // few cache lines long: more streams than the hardware prefetcher follows, so every short
 // run waits on its own cache misses.  That costs when the data comes from memory (the
-// tensors a pass touches add up to kPlaneOrderBytes or more); from cache the walk by
-// channel is faster, with its second sweep in L1 (measured on an AMD EPYC: the training
-// forward of 16x2048x7x7, 13 MB touched, 0.64 ms by channel, 0.81 ms in memory order; its
-// fused forward and backward with a residual, 19 and 32 MB touched, 5.8 ms by channel,
-// 3.1 ms in memory order).
-// Planes and merge order do not depend on the number of threads, so neither does the result.
-constexpr int64_t kPlaneOrderBytes = int64_t(24) << 20;
+// tensors a pass touches add up to kPlaneOrderBytes or more, as much as streams past the
+// cache); from cache the walk by channel is faster, with its second sweep in L1 (measured
+// on an AMD EPYC: the training forward of 16x2048x7x7, 13 MB touched, 0.64 ms by channel,
+// 0.81 ms in memory order; its fused forward and backward with a residual, 19 and 32 MB
+// touched, 5.8 ms by channel, 3.1 ms in memory order).  Planes and merge order do not
+// depend on the number of threads, so neither does the result.
+constexpr int64_t kPlaneOrderBytes = kStreamBytes;
 
 template <typename Partial, typename Reduce>
 std::vector<Partial> channels_first_plane_reduce(const Geometry& g, Reduce reduce) {
