@@ -138,7 +138,7 @@ void forward_typed(const ForwardArgs& args) {
       };
       if (args.training && !given && !plane_order) {
         channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
-      } else if (short_planes && !stream) {
+      } else if (short_planes && g.inner < kMapPlane && !stream) {
         // Short planes: one run through all the data (see channels_first_map).
         using Coefficients = std::array<const acc_t*, 3>;
         auto write = [&](const Coefficients& k, auto f) {
@@ -318,6 +318,9 @@ void backward_typed(const BackwardArgs& args) {
       using E = decltype(e);
       auto block_sums = [&](int64_t c, const Block& block) {
         const acc_t m = mean[c], s = k_dy[c], t = z_shift[c];
+        if constexpr (E::kActivation == Activation::Identity && !E::kResidual) {
+          return block_grad_sums(x, dy, block, m);  // dz = dy: nothing to compute or store
+        }
         return block_grad_sums(x, block, m, [&](int64_t i, int64_t n) {
           Vec dz;
           if constexpr (E::kActivation == Activation::Identity) {

