@@ -138,7 +138,7 @@ void forward_typed(const ForwardArgs& args) {
       };
       if (args.training && !given && !plane_order) {
         channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
-      } else if (short_planes && g.inner < kMapPlane && !stream) {
+      } else if (short_planes && !stream) {
         // Short planes: one run through all the data (see channels_first_map).
         using Coefficients = std::array<const acc_t*, 3>;
         auto write = [&](const Coefficients& k, auto f) {

@@ -74,18 +74,14 @@ void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
   });
 }
 
-// Planes shorter than this are short: their statistics may be taken in memory order
+// Planes this short (but at least a vector) are written by channels_first_map: per-plane
+// loops, each with a partial last vector, would cost more than the data.  They are also
+// the short planes whose statistics may be taken in memory order
 // (channels_first_plane_reduce, below).
 constexpr int64_t kShortPlane = 256;
 
-// Planes this short (but at least a vector) are written by channels_first_map: per-plane
-// loops, each with a partial last vector, would cost more than the data.  From 64 values
-// on the plane loops are faster (measured on an AMD EPYC, eval: 16x2048x7x7 0.19 ms by
-// the map, 0.22 ms plane by plane; (64, 256, 100) 0.18 ms by the map, 0.16 ms plane by plane).
-constexpr int64_t kMapPlane = 64;
-
 // out = f(c, in...) over all the data, as one run in memory order, for short planes
-// (lanes <= inner < kMapPlane): c holds the NC coefficients of each lane's channel.  A
+// (lanes <= inner < kShortPlane): c holds the NC coefficients of each lane's channel.  A
 // vector straddles at most two planes, so its coefficients are those of two channels,
 // blended by lane; the data is split into tasks at vector boundaries.
 template <int NC, typename T, typename F, typename... In>
