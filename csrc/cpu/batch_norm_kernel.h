@@ -99,9 +99,8 @@ void forward_typed(const ForwardArgs& args) {
     const bool short_planes = g.inner >= kLanes<T> && g.inner < kShortPlane;
     // Short planes of data from memory: the statistics first, in memory order (see
     // channels_first_plane_reduce), then the output as in eval.
-    const int64_t tensors = 1 + (y != nullptr) + (residual != nullptr);
-    const bool plane_order = args.training && !given && short_planes &&
-                             tensors * g.count() * C * int64_t(sizeof(T)) >= kPlaneOrderBytes;
+    const bool plane_order = args.training && !given &&
+                             reduces_in_plane_order<T>(g, 1 + (y != nullptr) + (residual != nullptr));
     if (plane_order) {
       const std::vector<Moments> moments_of = channels_first_plane_reduce<Moments>(g, moments);
       for (int64_t c = 0; c < C; ++c) finish(c, moments_of[c]);
@@ -362,10 +361,9 @@ void backward_typed(const BackwardArgs& args) {
       };
       // Short planes of data from memory: the sums in memory order (see
       // channels_first_plane_reduce), then grad_input.
-      const int64_t tensors = 2 + (dx != nullptr) + (grad_residual != nullptr) +
-                              (args.activation == Activation::ReLU) + residual_read;
-      const bool plane_order = need_sums && g.inner >= kLanes<T> && g.inner < kShortPlane &&
-                               tensors * g.count() * C * int64_t(sizeof(T)) >= kPlaneOrderBytes;
+      const bool plane_order =
+          need_sums && reduces_in_plane_order<T>(g, 2 + (dx != nullptr) + (grad_residual != nullptr) +
+                                                        (args.activation == Activation::ReLU) + residual_read);
       if (plane_order) {
         const std::vector<GradSums> sums = channels_first_plane_reduce<GradSums>(g, block_sums);
         for (int64_t c = 0; c < C; ++c) finish(c, sums[c]);

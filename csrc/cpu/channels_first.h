@@ -136,6 +136,13 @@ void channels_first_map(const Geometry& g, const std::array<const opmath_t<T>*, 
 // depend on the number of threads, so neither does the result.
 constexpr int64_t kPlaneOrderBytes = kStreamBytes;
 
+// Whether a pass that touches `tensors` tensors of g's size reduces in memory order.
+template <typename T>
+bool reduces_in_plane_order(const Geometry& g, int64_t tensors) {
+  return g.inner >= kLanes<T> && g.inner < kShortPlane &&
+         tensors * g.count() * g.channels * int64_t(sizeof(T)) >= kPlaneOrderBytes;
+}
+
 template <typename Partial, typename Reduce>
 std::vector<Partial> channels_first_plane_reduce(const Geometry& g, Reduce reduce) {
   const int64_t planes = g.batch * g.channels;
