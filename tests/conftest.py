@@ -6,10 +6,12 @@ from hypothesis import HealthCheck, settings
 
 # Property-based tests: a CI profile of a few hundred examples in all, and a long one of
 # thousands, chosen with BATCHNORM_EXT_FUZZ=long (see README, "Reliability").
+# The fuzz tests take the function-scoped `capability` fixture (below), which is meant to
+# hold for all the examples of a test: one kernel build per test run, not per example.
+QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=5000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=QUIET)
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=QUIET)
 settings.load_profile(os.environ.get("BATCHNORM_EXT_FUZZ", "ci"))
 
 # Hypothesis draws some values from the constants of the "local" modules loaded so far,

@@ -1251,9 +1251,11 @@ NON_PATTERNS = {
 }
 
 
-def _assert_as_accurate(name, ours, native, oracle, scale, factor=4, ulps=32, native_oracle=None):
+def _assert_as_accurate(name, ours, native, oracle, scale, factor=4, ulps=32, native_oracle=None,
+                        noise=0.0):
     """ours no further from the float64 oracle than `factor` times native's error, or than
-    `ulps` float32 units of rounding of `scale`.
+    `ulps` float32 units of rounding of `scale`, or than `noise` (the rounding noise of a
+    training step, see _train_and_compare).
 
     Training steps in float32 drift from float64 (each step amplifies rounding: the batch
     norms of deep networks land 1e-3..1e-2 from float64 whatever computes them); ours and
@@ -1270,7 +1272,7 @@ def _assert_as_accurate(name, ours, native, oracle, scale, factor=4, ulps=32, na
     assert ours.dtype == native.dtype and ours.shape == native.shape, name
     ours_error = _errors(ours, oracle)
     native_error = _errors(native, oracle if native_oracle is None else native_oracle)
-    floor = ulps * torch.finfo(torch.float32).eps * float(scale)
+    floor = max(ulps * torch.finfo(torch.float32).eps * float(scale), noise)
     assert ours_error <= max(factor * native_error, floor), (name, ours_error, native_error, floor)
 
 
@@ -1388,11 +1390,23 @@ def _train_and_compare(ours, native, inputs, eval_input, loss=_scalar, lr=0.02, 
                 assert not _REPLAY, "ReLU decisions left over: the oracle's ReLUs are not the model's"
             assert results["ours"]["output"].stride() == results["native"]["output"].stride()
             assert list(results["ours"]) == list(results["native"]) == list(results["oracle ours"])
-            scales = {}
+            scales, noise = {}, {}
             for name in models:
                 oracle = results[f"oracle {name}"]
-                scales[name] = max([g.abs().max().item() for k, g in oracle.items()
-                                    if k.startswith("grad ") and g is not None], default=0.0)
+                grads = [k for k, g in oracle.items() if k.startswith("grad ") and g is not None]
+                scales[name] = max([oracle[k].abs().max().item() for k in grads], default=0.0)
+                # The rounding noise of the step: the largest error of any of its gradients.
+                # A deep network spreads the rounding of every layer over all its gradients,
+                # so one small tensor's error (an SE block's bias: 8 values) is one draw of
+                # that noise, and native's draw for the same tensor may be lucky: measured on
+                # timm efficientnet_b0, ours and native's largest gradient errors were of one
+                # size (250 to 460 float32 ulps of the largest gradient, in every kernel
+                # build), while single tensors differed by up to 7x either way.  So a
+                # gradient is held to 4x native's error on it or to native's noise, and the
+                # step's noise to 4x native's.
+                noise[name] = max([_errors(results[name][k], oracle[k]) for k in grads], default=0.0)
+            assert noise["ours"] <= max(4 * noise["native"], 32 * torch.finfo(torch.float32).eps
+                                        * scales["ours"]), ("step noise", noise)
             for key, expected in results["oracle ours"].items():
                 what = f"{'step ' + str(step) if training else 'eval'}, {key}"
                 if key.endswith("num_batches_tracked"):
@@ -1401,8 +1415,15 @@ def _train_and_compare(ours, native, inputs, eval_input, loss=_scalar, lr=0.02, 
                     continue
                 scale = scales["ours"] if key.startswith("grad ") else \
                     (0.0 if expected is None else expected.abs().max().item())
+                step_noise = noise["native"] if key.startswith("grad ") else 0.0
+                if training and f"grad {key}" in results["oracle ours"]:
+                    # A parameter after the step is p - lr * grad: its rounding is p's plus
+                    # lr times its gradient's (seen: resnet50's fc.bias, ~0.02, moved by lr
+                    # times a gradient error within the step's noise).
+                    step_noise = lr * noise["native"]
                 _assert_as_accurate(what, results["ours"][key], results["native"][key], expected,
-                                    scale, native_oracle=results["oracle native"][key])
+                                    scale, native_oracle=results["oracle native"][key],
+                                    noise=step_noise)
     finally:
         for _, handles in recorders.values():
             for handle in handles:

@@ -1,7 +1,9 @@
 """Differential fuzzing against native batch norm with hypothesis: random shapes, strides,
 dtypes, affine, running statistics, momentum, eps and mode.  Outputs, gradients, running
 statistics, num_batches_tracked, output memory format and the exception type raised must
-all agree.  Profiles: BATCHNORM_EXT_FUZZ=ci (default) or long."""
+all agree.  Profiles: BATCHNORM_EXT_FUZZ=ci (default) or long.  The comparisons against
+native and the float64 oracle run once per kernel build this CPU can run (the `capability`
+fixture): each build rounds its vector sums in its own way."""
 import math
 
 import pytest
@@ -79,7 +81,8 @@ def oracle_error(result, oracle):
     return (result.double() - oracle.double()).abs().max().item() if result.numel() else 0.0
 
 
-def assert_agrees(ours, native, oracle, dtype, what, conditioning=1.0, data_scale=0.0):
+def assert_agrees(ours, native, oracle, dtype, what, conditioning=1.0, data_scale=0.0,
+                  sum_bound=0.0):
     """Ours against the float64 oracle (the same batch norm in float64, from the same input
     and parameters), with native's own error as the yardstick: within twice native's error
     (where both are far from the oracle, e.g. a constant channel's invstd = 1/sqrt(eps)
@@ -93,7 +96,13 @@ def assert_agrees(ours, native, oracle, dtype, what, conditioning=1.0, data_scal
     (native, in double): their error scale is that of the data, an ulp of max |x|
     (`data_scale`) for the mean and of max |x|**2 for the variance (twice: the unbiased
     factor), which is more than an ulp of a mean near zero (seen: a float32 running_mean
-    of 7 values of +-100, 1.7 times the 4-ulp bound)."""
+    of 7 values of +-100, 1.7 times the 4-ulp bound).
+    grad_weight and grad_bias are float32 sums, whose rounding depends on the order of
+    summation, which differs between native and ours and between our kernel builds (the
+    vector width): `sum_bound` is the worst case of that rounding (sum_rounding_bounds),
+    and an error within it is no loss of accuracy (seen: grad_weight of bfloat16 data
+    around -1000 in eval, terms of ~1000 cancelling to ~8000, ours 2.1 times native's
+    error with the AVX2 kernels and AVX2 native, 0.07 of the worst case)."""
     if ours is None or native is None:
         assert ours is None and native is None, what
         return
@@ -111,7 +120,8 @@ def assert_agrees(ours, native, oracle, dtype, what, conditioning=1.0, data_scal
         # the conditioning) of the exact result, so they may differ by the sum.  (Seen:
         # after a torch.compile test in the same process, native's float64 result moved
         # by a few ulps, and ours was 1.02 times the 8-ulp bound from it.)
-        bound = 16 * torch.finfo(torch.float64).eps * max(conditioning * magnitude, data_floor)
+        bound = max(16 * torch.finfo(torch.float64).eps * max(conditioning * magnitude, data_floor),
+                    sum_bound)
         error = (ours.double() - native.double()).nan_to_num().abs().max().item()
         assert error <= bound, (what, error, bound)
         return
@@ -122,7 +132,8 @@ def assert_agrees(ours, native, oracle, dtype, what, conditioning=1.0, data_scal
         return
     ulp = torch.finfo(ours.dtype).eps * max(oracle.double().abs().max().item(), data_floor / 4)
     ours_error, native_error = oracle_error(ours, oracle), oracle_error(native, oracle)
-    assert ours_error <= max(2 * native_error, 4 * ulp), (what, ours_error, native_error, ulp)
+    assert ours_error <= max(2 * native_error, 4 * ulp, sum_bound), \
+        (what, ours_error, native_error, ulp, sum_bound)
 
 
 def check_functional(data, training, affine, with_stats, mixed, momentum, eps, seed):
@@ -160,8 +171,10 @@ def check_functional(data, training, affine, with_stats, mixed, momentum, eps, s
     # cancel exactly for some inputs (two values per channel in training: the gradient is
     # 0): its rounding scale is that of the terms, not of the result.
     grad_scale = grad_input_scale(x, ngrads[0], weight, eps, training, running_var)
+    sum_bounds = sum_rounding_bounds(x, seed, training, running_mean, running_var, eps)
     for name, a, b, o in zip(["grad_input", "grad_weight", "grad_bias"], grads, ngrads, ograds):
-        assert_agrees(a, b, o, dtype, name, conditioning, grad_scale if name == "grad_input" else 0.0)
+        assert_agrees(a, b, o, dtype, name, conditioning, grad_scale if name == "grad_input" else 0.0,
+                      sum_bounds.get(name, 0.0))
     for name, a, b, o in zip(["running_mean", "running_var"], stats, nstats, ostats):
         assert_agrees(a, b, o, dtype, name, conditioning, data_scale)
 
@@ -185,6 +198,33 @@ def grad_input_scale(x, grad_input, weight, eps, training, running_var):
     return 4.0 * scale.max().item()  # |grad_output| < 4: N(0, 1) draws of these sizes
 
 
+def sum_rounding_bounds(x, grad_seed, training, running_mean, running_var, eps):
+    """The worst-case rounding of grad_bias = sum(dy) and grad_weight = sum(dy * (x - mean))
+    * invstd, per channel, whatever the order of summation: a sum of n terms in a floating
+    type of unit roundoff u (2**-24 for float32, in which bfloat16, half and float32 are
+    summed; 2**-53 for float64) is within (n - 1) * u of the sum of their magnitudes
+    (Higham, Accuracy and Stability of Numerical Algorithms, 4.2), and x - mean adds a
+    rounding of u * |x - mean| to each term, and u * |mean| from the mean rounded to the
+    type.  dy is regenerated as `call` makes it.  {} when there are no finite values."""
+    x64 = x.detach().double()
+    if x64.numel() == 0 or not x64.isfinite().all():
+        return {}
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(grad_seed)).to(x.dtype).double()
+    dims = [0] + list(range(2, x64.dim()))
+    if training or running_var is None:
+        mean, var = x64.mean(dims), x64.var(dims, unbiased=False)
+    else:
+        mean, var = running_mean.double(), running_var.double()
+    shape = [1, -1] + [1] * (x64.dim() - 2)
+    n = x64.numel() // x64.shape[1]
+    u = 2.0**-53 if x.dtype == torch.float64 else 2.0**-24
+    dy_sum = dy.abs().sum(dims)
+    terms = (dy * (x64 - mean.view(shape))).abs().sum(dims)
+    invstd = (var + eps).rsqrt()
+    return {"grad_bias": ((n - 1) * u * dy_sum).max().item(),
+            "grad_weight": (((n + 1) * u * terms + u * mean.abs() * dy_sum) * invstd).max().item()}
+
+
 def input_scale(x):
     """max |x| over the finite values of the input (0 for an empty one)."""
     x64 = x.detach().double()
@@ -206,7 +246,8 @@ def input_conditioning(x, eps):
 @given(inputs(), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
        st.sampled_from([0.1, 0.5, 0.0, 1.0]), st.sampled_from([1e-5, 1e-3, 0.5]),
        st.integers(0, 1000))
-def test_functional_against_native(data, training, affine, with_stats, mixed, momentum, eps, seed):
+def test_functional_against_native(capability, data, training, affine, with_stats, mixed, momentum,
+                                   eps, seed):
     check_functional(data, training, affine, with_stats, mixed, momentum, eps, seed)
 
 
@@ -243,7 +284,7 @@ LARGE_CASES = [
 
 @pytest.mark.parametrize("shape,layout,dtype,training,mixed",
                          [c[1:] for c in LARGE_CASES], ids=[c[0] for c in LARGE_CASES])
-def test_large_inputs_against_native(shape, layout, dtype, training, mixed):
+def test_large_inputs_against_native(capability, shape, layout, dtype, training, mixed):
     data = large_input(shape, dtype, layout, seed=sum(shape))
     check_functional(data, training, affine=True, with_stats=True, mixed=mixed, momentum=0.1,
                      eps=1e-5, seed=7)
@@ -262,7 +303,7 @@ def test_large_cases_are_large():
 
 @given(inputs(), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0.1, None]),
        st.integers(0, 1000), st.integers(1, 3))
-def test_module_against_native(data, training, affine, track, momentum, seed, steps):
+def test_module_against_native(capability, data, training, affine, track, momentum, seed, steps):
     base, view, dtype = data
     x = view(base)
     ours_cls, native_cls = MODULES[x.dim()]

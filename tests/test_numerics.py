@@ -1,11 +1,13 @@
 """Accuracy against a float64 oracle: large offsets, constant channels, and every kernel
-build (AVX-512, AVX2, plain) on every layout."""
+build (AVX-512, AVX2, plain) on every layout.  Each test runs once per kernel build this
+CPU can run (the `capability` fixture): their vector widths differ, and so does their
+rounding."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import batchnorm_ext
-from helpers import assert_close, make_input
+from helpers import assert_close, available_capabilities, make_input
 
 
 def oracle(x, weight=None, bias=None):
@@ -20,7 +22,7 @@ def oracle(x, weight=None, bias=None):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [1e4, 1e5])
-def test_large_offset_no_worse_than_native(offset, layout):
+def test_large_offset_no_worse_than_native(capability, offset, layout):
     """float32 input drawn from N(offset, 1): the output's error against the float64 oracle
     is no worse than native's (native sums in double; we subtract each block's mean)."""
     x = make_input((8, 6, 20, 20), torch.float32, layout, offset=offset)
@@ -35,7 +37,7 @@ def test_large_offset_no_worse_than_native(offset, layout):
     assert_close(our_var.double(), var, rtol=1e-5, atol=0)
 
 
-def test_naive_one_pass_formula_fails_where_we_do_not():
+def test_naive_one_pass_formula_fails_where_we_do_not(capability):
     """E[x^2] - E[x]^2 in float32 loses the variance of N(1e4, 1) data entirely; ours does not."""
     x = torch.randn(64, 4, 32, 32) + 1e4
     dims = [0, 2, 3]
@@ -47,7 +49,7 @@ def test_naive_one_pass_formula_fails_where_we_do_not():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_constant_channels(layout):
+def test_constant_channels(capability, layout):
     x = torch.full((4, 3, 5, 5), 7.0)
     x[:, 1] = -2.5
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
@@ -90,20 +92,31 @@ def test_outputs_beyond_the_cache(shape, layout, dtype):
     """Outputs of 16 MiB and more are written with streaming stores (past the cache), from
     the first aligned vector of each run: forward and backward.  Millions of values per
     channel: native's float32 sums drift here (its channels-last path), so both are held
-    to a float64 computation, ours to within rounding of the output dtype."""
+    to a float64 computation, ours to within rounding of the output dtype.  Ours runs with
+    every kernel build this CPU can run (a loop rather than the `capability` fixture: native's
+    and the float64 results, the slow part, are computed once)."""
     x = make_input(shape, dtype, layout)
     if dtype == torch.bfloat16:
         x = torch.cat([x, x])  # 16 MiB of bfloat16 needs twice the values
     g = torch.randn_like(x)
-    results = []
-    for fn, xin in ((batchnorm_ext.batch_norm, x), (F.batch_norm, x), (F.batch_norm, x.double())):
+
+    def run(fn, xin):
         xx = xin.clone().requires_grad_()
         y = fn(xx, None, None, training=True)
         y.backward(g.to(xin.dtype))
         stats = torch.zeros(shape[1], dtype=xin.dtype), torch.ones(shape[1], dtype=xin.dtype) * 2
-        results.append((y, xx.grad, fn(xin, *stats, training=False)))
-    for ours, native, oracle in zip(*results):
-        assert ours.stride() == native.stride()
-        ours_error = (ours.double() - oracle).abs().max().item()
-        native_error = (native.double() - oracle).abs().max().item()
-        assert ours_error <= max(native_error, 4 * torch.finfo(dtype).eps * oracle.abs().max().item())
+        return y, xx.grad, fn(xin, *stats, training=False)
+
+    native, oracle = run(F.batch_norm, x), run(F.batch_norm, x.double())
+    previous = batchnorm_ext.cpu_capability()
+    try:
+        for build in available_capabilities():
+            batchnorm_ext.set_cpu_capability(build)
+            for ours, nat, exact in zip(run(batchnorm_ext.batch_norm, x), native, oracle):
+                assert ours.stride() == nat.stride(), build
+                ours_error = (ours.double() - exact).abs().max().item()
+                native_error = (nat.double() - exact).abs().max().item()
+                rounding = 4 * torch.finfo(dtype).eps * exact.abs().max().item()
+                assert ours_error <= max(native_error, rounding), (build, ours_error, native_error)
+    finally:
+        batchnorm_ext.set_cpu_capability(previous)
