@@ -21,7 +21,8 @@ ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": AVX512 + ["-DCPU_CAPABILITY=AVX512"],
     # AVX-512 plus the bfloat16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4):
-    # at::vec's AVX-512 code, with one instruction where it rounds floats to bfloat16.
+    # at::vec's AVX-512 code, with one instruction where it rounds floats to bfloat16; built
+    # for bfloat16 input only (the AVX512 kernels serve the other dtypes).
     "avx512bf16": AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512_BF16"],
 }
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -109,6 +110,8 @@ if not X86:
     KERNELS = set()
 elif not AVX512_BF16:
     KERNELS.discard("avx512bf16")
+if "avx512bf16" in KERNELS:
+    KERNELS.add("avx512")  # its other dtypes are the AVX512 kernels (kernel_avx512bf16.cpp)
 sources += [f"csrc/cpu/kernel_{isa}.cpp" for isa in ("avx2", "avx512", "avx512bf16") if isa in KERNELS]
 
 # BATCHNORM_EXT_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer build (see

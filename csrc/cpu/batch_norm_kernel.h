@@ -3,7 +3,8 @@
 // this header (and the five it includes: vec_io.h, moments.h, channels_first.h,
 // channels_last.h, epilogues.h) once per instruction set.
 //
-// T is the input dtype, P the parameter dtype (T, or float for mixed bfloat16/half input).
+// T is the input dtype, P the parameter dtype: opmath_t<T> (float for bfloat16 and half
+// input; parameters of their own type are widened to float first, see dispatch_dtypes).
 #pragma once
 
 #include "channels_first.h"
@@ -12,6 +13,7 @@
 
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -442,15 +444,87 @@ void backward_typed(const BackwardArgs& args) {
   }
 }
 
-// One function per entry point, one instantiation per (input, parameter) dtype pair.
+// Parameters of the input's own reduced type (bfloat16 weight for bfloat16 input) are
+// widened to float before the kernels run, and their gradients narrowed after: a few values
+// per channel, so that every input dtype is one instantiation of the kernels, with
+// parameters of opmath_t<T>, not two.  (The kernels widen each parameter to float anyway,
+// and round float gradients to the parameter type: the bits are the same.)
+template <typename T>
+struct WidenedParameters {
+  std::vector<float> weight, bias, running_mean, running_var, grad_weight, grad_bias;
+
+  static const float* widen(std::vector<float>& out, const void* p, int64_t n) {
+    if (p == nullptr) return nullptr;
+    out.assign(static_cast<const T*>(p), static_cast<const T*>(p) + n);
+    return out.data();
+  }
+  ForwardArgs operator()(ForwardArgs args) {
+    const int64_t C = args.geometry.channels;
+    args.weight = widen(weight, args.weight, C);
+    args.bias = widen(bias, args.bias, C);
+    args.running_mean = widen(running_mean, args.running_mean, C);
+    args.running_var = widen(running_var, args.running_var, C);
+    args.param_type = at::kFloat;
+    return args;
+  }
+  BackwardArgs operator()(BackwardArgs args) {
+    const int64_t C = args.geometry.channels;
+    args.weight = widen(weight, args.weight, C);
+    args.bias = widen(bias, args.bias, C);
+    args.running_mean = widen(running_mean, args.running_mean, C);
+    args.running_var = widen(running_var, args.running_var, C);
+    if (args.grad_weight) {
+      grad_weight.resize(C);
+      args.grad_weight = grad_weight.data();
+    }
+    if (args.grad_bias) {
+      grad_bias.resize(C);
+      args.grad_bias = grad_bias.data();
+    }
+    args.param_type = at::kFloat;
+    return args;
+  }
+  // The gradients, narrowed into the caller's parameter type.
+  void narrow(const ForwardArgs&) {}
+  void narrow(const BackwardArgs& original) {
+    if (original.grad_weight) {
+      std::copy(grad_weight.begin(), grad_weight.end(), static_cast<T*>(original.grad_weight));
+    }
+    if (original.grad_bias) {
+      std::copy(grad_bias.begin(), grad_bias.end(), static_cast<T*>(original.grad_bias));
+    }
+  }
+};
+
+// The AVX512_BF16 build (kernel_avx512bf16.cpp defines BATCHNORM_EXT_BFLOAT16_ONLY) differs
+// from the AVX512 one only where floats are rounded to bfloat16 (narrow, in vec_io.h), so
+// it is compiled for bfloat16 input alone and hands the other dtypes to the AVX512 kernels.
+#ifdef BATCHNORM_EXT_BFLOAT16_ONLY
+inline void avx512_kernel(const ForwardArgs& args) { kernels_AVX512.forward(args); }
+inline void avx512_kernel(const BackwardArgs& args) { kernels_AVX512.backward(args); }
+#endif
+
+// One instantiation per input dtype: Kernel<T, opmath_t<T>>.
 template <template <typename, typename> class Kernel, typename Args>
 void dispatch_dtypes(const Args& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.input_type, "batch_norm_ext", [&] {
-    if constexpr (at::is_reduced_floating_point_v<scalar_t>) {
-      if (args.param_type == at::kFloat) return Kernel<scalar_t, float>::run(args);
+  auto run = [&](auto input) {
+    using T = decltype(input);
+    if constexpr (at::is_reduced_floating_point_v<T>) {
+      if (args.param_type != at::kFloat) {
+        WidenedParameters<T> widened;
+        Kernel<T, float>::run(widened(args));
+        return widened.narrow(args);
+      }
     }
-    Kernel<scalar_t, scalar_t>::run(args);
-  });
+    Kernel<T, opmath_t<T>>::run(args);
+  };
+#ifdef BATCHNORM_EXT_BFLOAT16_ONLY
+  if (args.input_type != at::kBFloat16) return avx512_kernel(args);
+  run(c10::BFloat16());
+#else
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.input_type, "batch_norm_ext",
+                                  [&] { run(scalar_t()); });
+#endif
 }
 
 template <typename T, typename P>
