@@ -99,13 +99,18 @@ sources = [
     "csrc/autograd.cpp",
     "csrc/fallback.cpp",
     "csrc/cpu/dispatch.cpp",
-    "csrc/cpu/kernel_default.cpp",
 ]
-# BATCHNORM_EXT_KERNELS=default,avx512 (for one): only these kernel builds (the DEFAULT one
-# always); the sanitized build (scripts/sanitize.sh) takes the two widths of vector code.
-KERNELS = {"avx2", "avx512", "avx512bf16"}
+# BATCHNORM_EXT_KERNELS=default,avx512 (for one): only these kernel builds.  Only the
+# sanitized build (scripts/sanitize.sh) asks for fewer than all: the best vector build the
+# CPU runs, and DEFAULT where that one is AVX-512 (DEFAULT's 8 lanes are then a second
+# vector width; beside AVX2 they would be the same width again).  Where the CPU has none of
+# the builds asked for, the extension refuses to run (dispatch.cpp).
+KERNELS = {"default", "avx2", "avx512", "avx512bf16"}
 if os.environ.get("BATCHNORM_EXT_KERNELS"):
     KERNELS &= set(os.environ["BATCHNORM_EXT_KERNELS"].lower().split(","))
+if "default" in KERNELS or not X86:
+    sources.append("csrc/cpu/kernel_default.cpp")
+KERNELS.discard("default")
 if not X86:
     KERNELS = set()
 elif not AVX512_BF16:
@@ -131,6 +136,7 @@ setup(
             # -g0: no debug information (Python's flags ask for it), which halves the build.
             extra_compile_args=["-O3", "-g0", "-fopenmp", "-DNDEBUG"]
             + (["-DBATCHNORM_EXT_X86"] if X86 else [])
+            + (["-DBATCHNORM_EXT_KERNEL_DEFAULT"] if "csrc/cpu/kernel_default.cpp" in sources else [])
             + [f"-DBATCHNORM_EXT_KERNEL_{isa.upper()}" for isa in sorted(KERNELS)]
             + (SANITIZE if sanitize else []),
             extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []),

@@ -28,7 +28,9 @@ const Choice kChoices[] = {
 #ifdef BATCHNORM_EXT_KERNEL_AVX2
     {"AVX2", &kernels_AVX2},
 #endif
+#ifdef BATCHNORM_EXT_KERNEL_DEFAULT  // always, but in some sanitized builds (setup.py)
     {"DEFAULT", &kernels_DEFAULT},
+#endif
 };
 
 // Best first, all of them: ATen's answer is found among these, built or not.
@@ -41,7 +43,8 @@ const Choice* find(const std::string& name) {
   return nullptr;
 }
 
-// The best set ATen's own check allows on this CPU, if built, else the next one built below it.
+// The best set ATen's own check allows on this CPU, if built, else the next one built below
+// it; none if a build without DEFAULT has nothing this CPU runs.
 const Choice* best_choice() {
   std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
 #ifdef BATCHNORM_EXT_X86
@@ -56,7 +59,13 @@ const Choice* best_choice() {
     reached = reached || aten == name;
     if (reached && find(name) != nullptr) return find(name);
   }
-  return find("DEFAULT");
+  return nullptr;
+}
+
+const Choice& runnable(const Choice* choice) {
+  TORCH_CHECK(choice != nullptr, "batchnorm_ext was built without kernels this CPU can run "
+              "(built: ", built_capabilities(), "; CPU: ", at::get_cpu_capability(), ")");
+  return *choice;
 }
 
 std::atomic<const Choice*> active{nullptr};
@@ -66,7 +75,7 @@ const Choice& active_choice() {
   if (choice == nullptr) {
     // Only if nothing was chosen meanwhile: a set_cpu_capability that ran since this
     // thread looked must not be overwritten (on failure `choice` receives its choice).
-    const Choice* best = best_choice();
+    const Choice* best = &runnable(best_choice());
     if (active.compare_exchange_strong(choice, best, std::memory_order_acq_rel)) choice = best;
   }
   return *choice;
@@ -89,8 +98,9 @@ void set_cpu_capability(const std::string& name) {
   TORCH_CHECK_VALUE(choice != nullptr, "batchnorm_ext: no kernels built for CPU capability '",
                     name, "'");
   // kChoices is ordered best first, so "at or below the best" is "at or after it".
-  TORCH_CHECK_VALUE(choice >= best_choice(), "batchnorm_ext: this CPU does not support ", name,
-                    " (best: ", best_choice()->name, ")");
+  const Choice& best = runnable(best_choice());
+  TORCH_CHECK_VALUE(choice >= &best, "batchnorm_ext: this CPU does not support ", name,
+                    " (best: ", best.name, ")");
   active.store(choice, std::memory_order_release);
 }
 
