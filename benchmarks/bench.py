@@ -15,6 +15,7 @@ run under two allocator settings, each in its own process:
     python benchmarks/bench.py --full           # every shape, layout, dtype and mode
     python benchmarks/bench.py --layers         # BN->ReLU, BN->add->ReLU, ResNet blocks
     python benchmarks/bench.py --networks       # torchvision models' training steps
+    python benchmarks/bench.py --zoo            # every batch-norm layer of real models
     python benchmarks/bench.py --model          # a small ResNet-style training step
     python benchmarks/bench.py --sync           # SyncBatchNorm on 2 processes
     python benchmarks/bench.py --shapes 16x64x112x112 --layouts nhwc --modes train --alloc warm
@@ -467,6 +468,11 @@ def parse_args(argv=None):
     mode.add_argument("--networks", nargs="*", choices=NETWORKS, metavar="NAME",
                       help="torchvision models' training steps (SGD), the same five variants; "
                            f"NAME of {', '.join(NETWORKS)} (default when given alone: all)")
+    mode.add_argument("--zoo", action="store_true",
+                      help="the input shape of every batch-norm layer of torchvision and timm "
+                           "models (and BatchNorm1d MLP, tabular and sequence layers), each "
+                           "distinct shape in both layouts and every mode; per model, the "
+                           "layer-time-weighted speed-up (default: off)")
     mode.add_argument("--model", action="store_true",
                       help="a small ResNet-style training step, native against ours (default: off)")
     mode.add_argument("--sync", action="store_true",
@@ -486,8 +492,11 @@ def parse_args(argv=None):
                           "(default: all three)")
     run = parser.add_argument_group("how")
     run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
-    run.add_argument("--alloc", choices=["default", "warm", "both"], default="both",
-                     help="allocator settings, each in its own process (default: both)")
+    run.add_argument("--alloc", choices=["default", "warm", "both"],
+                     help="allocator settings, each in its own process (default: both; --zoo: "
+                          "warm)")
+    run.add_argument("--zoo-batch", type=int, default=8, metavar="N",
+                     help="--zoo: the batch size of the image and video models (default: 8)")
     run.add_argument("--rounds", type=int,
                      help="interleaved rounds per case, median taken (default: see below)")
     run.add_argument("--min-run-time", type=float, metavar="SECONDS",
@@ -509,15 +518,22 @@ def parse_args(argv=None):
     if args.networks is not None and not args.networks:
         args.networks = list(NETWORKS)
     modes = [m for m, on in (("layers", args.layers is not None), ("networks", args.networks is not None),
-                             ("model", args.model), ("sync", args.sync), ("full", args.full)) if on]
+                             ("model", args.model), ("sync", args.sync), ("full", args.full),
+                             ("zoo", args.zoo)) if on]
     if len(modes) > 1:
-        parser.error("choose one of --full, --layers, --networks, --model, --sync")
+        parser.error("choose one of --full, --layers, --networks, --model, --sync, --zoo")
     args.kind = modes[0] if modes else "default"
+    args.alloc = args.alloc or ("warm" if args.kind == "zoo" else "both")
     if args.kind in ("layers", "networks"):
         args.layouts = args.layouts or ["nchw"]
         args.dtypes = args.dtypes or ["float32"]
         args.rounds = args.rounds or 3
         args.min_run_time = args.min_run_time or (0.2 if args.kind == "layers" else 1.0)
+    elif args.kind == "zoo":
+        args.dtypes = args.dtypes or ["float32"]
+        args.modes = args.modes or MODES
+        args.rounds = args.rounds or 3
+        args.min_run_time = args.min_run_time or 0.05
     elif args.kind == "sync":
         args.shapes = args.shapes or SYNC_SHAPES
         args.rounds = args.rounds or 5
@@ -543,6 +559,9 @@ def run_child(args):
         return run_networks(args, args.child)
     if args.kind == "model":
         return run_model(args, args.child)
+    if args.kind == "zoo":
+        from model_zoo import run_zoo
+        return run_zoo(args, args.child)
     return run_cases(args, args.child)
 
 
@@ -590,7 +609,7 @@ def main():
         line = next(l for l in done.stdout.splitlines() if l.startswith("RESULTS "))
         rows += json.loads(line[len("RESULTS "):])
     meta["seconds"] = round(time.perf_counter() - start, 1)
-    if args.kind not in ("layers", "networks"):  # those: the summary below has it all
+    if args.kind not in ("layers", "networks", "zoo"):  # those: the summary below has it all
         print_table(rows)
     base, written, text = write_results(rows, meta, out_dir, args.name)
     print("\n" + text)

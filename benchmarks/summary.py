@@ -225,6 +225,9 @@ def render(results):
         return "\n".join(out + ["(no rows)"]) + "\n"
     if rows[0].get("kind") in ("layers", "networks"):
         variant_tables(rows, out)
+    elif rows[0].get("kind") == "zoo":
+        import model_zoo
+        model_zoo.render(rows, out)
     elif "ours_GBps" in rows[0]:
         op_tables(rows, meta, out)
     elif "comm_ms" in rows[0]:
