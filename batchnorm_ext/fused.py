@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _onnx, modules
+from .functional import _normalize_act
 
 _ACTIVATION_MODULES = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu"}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
@@ -81,7 +82,6 @@ class _BatchNormAct:
                                       use_batch_stats, self.eps)
             output = output if residual is None else output + residual
             return {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}[self.activation](output)
-        from .functional import _normalize_act
         return _normalize_act(input, self.weight, self.bias, running_mean, running_var,
                               use_batch_stats, momentum, self.eps, counter, residual,
                               self.activation)

@@ -4,7 +4,7 @@ Each class is a subclass of its torch.nn counterpart that replaces only forward:
 constructor, parameters, buffers, state_dict (old checkpoints included), repr, reset
 methods and input checks are torch's own, and isinstance(m, torch.nn.BatchNorm2d) holds.
 
-forward has three paths: eager (our operator through functional._normalize), TorchScript
+forward has three paths: eager (our operator, batchnorm_ext::batch_norm), TorchScript
 (the operator called directly: torch.jit.script compiles only that branch) and FX symbolic
 tracing (one call_module node, as FX records torch.nn's modules).
 """
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _onnx
-from .functional import _normalize
+from .functional import _batch_norm as _batch_norm_op
 
 
 class OnOurKernel:
@@ -36,27 +36,30 @@ class OnOurKernel:
                                              Optional[float], Optional[Tensor]]:
         """What torch's _BatchNorm.forward passes to F.batch_norm, in our operator's terms:
         (running_mean, running_var, use_batch_stats, momentum, num_batches_tracked).  Counts
-        the batch in num_batches_tracked, as torch does.  (Written for TorchScript too.)"""
+        the batch in num_batches_tracked, as torch does.  (Written for TorchScript too, and
+        with each attribute read once: a buffer read costs nn.Module.__getattr__.)"""
         momentum: Optional[float] = self.momentum
-        counted = False
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:  # a separate test: TorchScript refines it
-                self.num_batches_tracked.add_(1)
-                counted = True
-        if momentum is None and not counted:
-            momentum = 0.0  # torch's factor when there is no counter to average with
-        # Batch statistics normalize in training, and in eval when there are no buffers.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are passed to be updated (training and tracked) or to normalize (eval).
-        use_buffers = not self.training or self.track_running_stats
+        training = self.training
+        tracking = self.track_running_stats
         # momentum=None: a cumulative average over num_batches_tracked batches, computed by
         # the operator from the counter (no host round trip: torch.compile keeps one graph).
         counter: Optional[Tensor] = None
-        if momentum is None:
-            counter = self.num_batches_tracked
-        return (self.running_mean if use_buffers else None,
-                self.running_var if use_buffers else None,
-                use_batch_stats, momentum, counter)
+        if training and tracking:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:  # a separate test: TorchScript refines it
+                num_batches_tracked.add_(1)
+                if momentum is None:
+                    counter = num_batches_tracked
+        if momentum is None and counter is None:
+            momentum = 0.0  # torch's factor when there is no counter to average with
+        if training and not tracking:  # batch statistics, and no buffers to update
+            return None, None, True, momentum, counter
+        # Buffers are passed to be updated (training) or to normalize (eval); batch
+        # statistics normalize in training, and in eval when there are no buffers.
+        running_mean = self.running_mean
+        running_var = self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        return running_mean, running_var, use_batch_stats, momentum, counter
 
     def _batch_norm(self, input: Tensor) -> Tensor:
         running_mean, running_var, use_batch_stats, momentum, counter = self._batch_norm_arguments()
@@ -74,8 +77,8 @@ class OnOurKernel:
         if _onnx.exporting():  # torch.onnx.export(dynamo=True): see _onnx.py
             return _onnx.batch_norm(input, self.weight, self.bias, running_mean, running_var,
                                     use_batch_stats, self.eps)
-        return _normalize(input, self.weight, self.bias, running_mean, running_var,
-                          use_batch_stats, momentum, self.eps, counter)
+        return _batch_norm_op(input, self.weight, self.bias, running_mean, running_var,
+                              use_batch_stats, momentum, self.eps, counter)
 
 
 def batch_norm_arguments(module):
@@ -92,10 +95,12 @@ class _Forward(OnOurKernel):
 
     @torch.jit.unused
     def _forward_eager(self, input: Tensor) -> Tensor:
+        # The path of every eager call, kept short: a small batch norm's call costs more
+        # in Python than in its kernel.
         if _traced_by_fx(self, input):
             return _fx_call_module(self, input)
         self._check_input_dim(input)
-        return self._batch_norm(input)
+        return self._batch_norm_eager(input, *self._batch_norm_arguments())
 
 
 def _traced_by_fx(module, input):
