@@ -98,7 +98,6 @@ void forward_typed(const ForwardArgs& args) {
   if (g.layout == Layout::ChannelsFirst) {
     const ChannelsFirstBlocks blocks(g);
     auto moments = [&](int64_t, const Block& b) { return block_moments(x, b); };
-    const bool short_planes = g.inner >= kLanes<T> && g.inner < kShortPlane;
     // Short planes of data from memory: the statistics first, in memory order (see
     // channels_first_plane_reduce), then the output as in eval.
     const bool plane_order = args.training && !given &&
@@ -139,23 +138,6 @@ void forward_typed(const ForwardArgs& args) {
       };
       if (args.training && !given && !plane_order) {
         channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
-      } else if (short_planes && !stream) {
-        // Short planes: one run through all the data (see channels_first_map).
-        using Coefficients = std::array<const acc_t*, 3>;
-        auto write = [&](const Coefficients& k, auto f) {
-          if constexpr (E::kResidual) {
-            channels_first_map<3>(g, k, y, f, x, residual);
-          } else {
-            channels_first_map<3>(g, k, y, f, x);
-          }
-        };
-        if (args.training) {
-          write(Coefficients{mean.data(), scale.data(), shift.data()},
-                [&](const auto& c, auto v, auto... r) { return epilogue(centered(v, c[0], c[1], c[2]), r...); });
-        } else {
-          write(Coefficients{mean.data(), scale.data(), shift.data()},
-                [&](const auto& c, auto v, auto... r) { return epilogue(affine(v, c[1], c[2]), r...); });
-        }
       } else {
         channels_first_apply(blocks, normalize);
       }

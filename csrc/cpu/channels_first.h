@@ -74,54 +74,9 @@ void channels_first_apply(const ChannelsFirstBlocks& blocks, Apply apply) {
   });
 }
 
-// Planes this short (but at least a vector) are written by channels_first_map: per-plane
-// loops, each with a partial last vector, would cost more than the data.  They are also
-// the short planes whose statistics may be taken in memory order
+// Planes this short are the ones whose statistics may be taken in memory order
 // (channels_first_plane_reduce, below).
 constexpr int64_t kShortPlane = 256;
-
-// out = f(c, in...) over all the data, as one run in memory order, for short planes
-// (lanes <= inner < kShortPlane): c holds the NC coefficients of each lane's channel.  A
-// vector straddles at most two planes, so its coefficients are those of two channels,
-// blended by lane; the data is split into tasks at vector boundaries.
-template <int NC, typename T, typename F, typename... In>
-void channels_first_map(const Geometry& g, const std::array<const opmath_t<T>*, NC>& coefficients,
-                        T* out, const F& f, const In*... in) {
-  using acc_t = opmath_t<T>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t L = kLanes<T>;
-  const int64_t total = g.batch * g.channels * g.inner;
-  const Vec lane = Vec::arange(acc_t(0), acc_t(1));
-  at::parallel_for(0, divup(total, L), kGrain / L, [&](int64_t begin, int64_t end) {
-    const int64_t stop = std::min(total, end * L);
-    int64_t i = begin * L;
-    // The channel and the offset in its plane of value i, then kept up to date.
-    int64_t c = (i / g.inner) % g.channels, offset = i % g.inner;
-    for (; i < stop; i += L) {
-      const int64_t n = std::min(L, stop - i);
-      const int64_t next = c + 1 == g.channels ? 0 : c + 1;
-      std::array<Vec, NC> k;
-      if (g.inner - offset >= n) {
-        for (int q = 0; q < NC; ++q) k[q] = Vec(coefficients[q][c]);
-      } else {  // lanes from g.inner - offset on are the next plane's
-        const Vec second = lane >= Vec(acc_t(g.inner - offset));
-        for (int q = 0; q < NC; ++q) {
-          k[q] = Vec::blendv(Vec(coefficients[q][c]), Vec(coefficients[q][next]), second);
-        }
-      }
-      if (n == L) {
-        store_vec(out + i, f(k, load_vec(in + i)...));
-      } else {
-        store_vec(out + i, f(k, load_vec(in + i, n, acc_t(0))...), n);
-      }
-      offset += L;
-      if (offset >= g.inner) {
-        offset -= g.inner;
-        c = next;
-      }
-    }
-  });
-}
 
 // Reduces short planes (inner < kShortPlane) in memory order: one Partial per plane
 // (reduce(c, plane)), then a channel's planes merged in batch order.  Walking channel by

@@ -152,9 +152,21 @@ inline typename V::value_type sum_lanes(const V& v) {
   return at::vec::vec_reduce_all<typename V::value_type>([](V a, V b) { return a + b; }, v);
 }
 
+// The vector of the last L values of a run, p[0, L), in which the first `done` lanes (values
+// already summed with the vector before) are set to `fill`: for a run of at least a vector,
+// its partial last vector without a partial load (at::vec's go through memory but with
+// AVX-512; a 7x7 plane is 3 vectors and 1 value).  Sums over the lanes take the same
+// values either way, in other lanes.
+template <typename T>
+inline Vectorized<opmath_t<T>> load_vec_last(const T* p, int64_t done, opmath_t<T> fill) {
+  using Vec = Vectorized<opmath_t<T>>;
+  const Vec lane = Vec::arange(opmath_t<T>(0), opmath_t<T>(1));
+  return Vec::blendv(load_vec(p), Vec(fill), lane < Vec(opmath_t<T>(done)));
+}
+
 // Calls step(j, v) for each vector of the run x[0, len), j = 0..3 cycling so that a caller
 // can keep four independent accumulators (one add chain would wait on the add latency).
-// The last vector may be partial: its missing lanes hold `fill`.
+// A last partial vector's missing lanes hold `fill` (see load_vec_last).
 template <typename T, typename Step>
 inline void for_each_vector(const T* x, int64_t len, opmath_t<T> fill, Step step) {
   constexpr int64_t L = kLanes<T>;
@@ -166,12 +178,17 @@ inline void for_each_vector(const T* x, int64_t len, opmath_t<T> fill, Step step
     step(3, load_vec(x + i + 3 * L));
   }
   for (; i + L <= len; i += L) step(0, load_vec(x + i));
-  if (i < len) step(1, load_vec(x + i, len - i, fill));
+  if (i < len && len >= L) {
+    step(1, load_vec_last(x + len - L, L - (len - i), fill));
+  } else if (i < len) {
+    step(1, load_vec(x + i, len - i, fill));
+  }
 }
 
 // Calls step(j, x, y) for the vectors of two runs x[0, len) and y[0, len) side by side,
 // j = 0, 1 alternating for two independent accumulators; a last partial vector's missing
-// lanes hold 0 in both.
+// lanes hold 0 in both.  (Its lanes are those of for_each_vector_index, so that a fused
+// batch norm's backward sums, which go through that, match a plain one's to the bit.)
 template <typename T, typename Step>
 inline void for_each_vector_pair(const T* x, const T* y, int64_t len, Step step) {
   constexpr int64_t L = kLanes<T>;
@@ -208,6 +225,11 @@ inline void for_each_vector_index(int64_t len, Step step) {
 // out[i] = f(in[i]...) over a run of values; f is a generic lambda that works on a
 // vector and on a single value alike (coefficients are broadcast with V(c)).  With
 // kStream, stores past the cache from the first vector-aligned address on.
+// A run of at least a vector ends with a whole vector that overlaps the one before it
+// (the values in both are computed twice, to the same bits) rather than a partial one:
+// at::vec's partial loads and stores go through memory without AVX-512's masks, and cost
+// more than a short run's whole vectors (a 7x7 plane is 3 vectors and 1 value).  out
+// never overlaps an input (outputs are new tensors).
 template <bool kStream, typename T, typename F, typename... In>
 inline void map_run(T* out, int64_t len, const F& f, const In*... in) {
   constexpr int64_t L = kLanes<T>;
@@ -220,7 +242,11 @@ inline void map_run(T* out, int64_t len, const F& f, const In*... in) {
     }
   }
   for (; i + L <= len; i += L) put_vec<kStream>(out + i, f(load_vec(in + i)...));
-  if (i < len) store_vec(out + i, f(load_vec(in + i, len - i, 0)...), len - i);
+  if (i < len && len >= L) {
+    store_vec(out + len - L, f(load_vec(in + len - L)...));
+  } else if (i < len) {
+    store_vec(out + i, f(load_vec(in + i, len - i, 0)...), len - i);
+  }
 }
 
 template <typename T, typename F, typename... In>
