@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -25,6 +26,14 @@ try:
     _providers._get_local_constants = lambda: _no_local_constants
 except (ImportError, AttributeError):  # another hypothesis: its draws may vary with order
     pass
+
+# Inductor's caches do not key on ATEN_CPU_CAPABILITY: a run as on an AVX2 CPU could be
+# served code compiled for AVX-512 by an earlier run.  Each setting gets a cache directory
+# of its own, unless one is given.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _cpu = os.environ.get("ATEN_CPU_CAPABILITY", "best").lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_batchnorm_ext_{_cpu}")
 
 import batchnorm_ext
 from helpers import ALL_BUILDS, BUILT, available_capabilities
