@@ -122,6 +122,21 @@ bool needs_python_autograd(const Tensor& input, const optional<Tensor>& weight,
          (given(bias) && has_tangent(*bias));
 }
 
+// Whether autograd has nothing to record: grad mode off (torch.no_grad, inference), or
+// no input that is differentiated requires grad, and no forward-mode level open.  Then the
+// forward runs alone, without the autograd Function's node and saved tensors, which cost
+// more than the kernel of a small call.
+bool records_nothing(const Tensor& input,
+                     std::initializer_list<const optional<Tensor>*> differentiated) {
+  if (dual_level_open()) return false;
+  if (!at::GradMode::is_enabled()) return true;
+  if (input.requires_grad()) return false;
+  for (const optional<Tensor>* t : differentiated) {
+    if (given(*t) && (*t)->requires_grad()) return false;
+  }
+  return true;
+}
+
 // A running statistic without its tangent, if it has one: native ignores those, and the C++
 // Function, which has no jvp, would refuse it.
 optional<Tensor> without_tangent(const optional<Tensor>& t) {
@@ -466,6 +481,11 @@ Tensor batch_norm(const Tensor& input, const optional<Tensor>& weight,
   if (needs_python_autograd(input, weight, bias)) {
     std::tie(output, save_mean, save_var) =
         forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
+  } else if (records_nothing(input, {&weight, &bias})) {  // no_grad, inference: the forward alone
+    check_not_requiring_grad(running_mean, running_var);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(output, save_mean, save_var) =
+        forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
   } else {  // the eager fast path: the C++ Function, no dispatcher round trip
     check_not_requiring_grad(running_mean, running_var);
     const bool stat_tangent = dual_level_open() &&
@@ -508,6 +528,11 @@ Tensor batch_norm_act(const Tensor& input, const optional<Tensor>& weight,
   Tensor output, save_mean, save_var;
   if (needs_python_autograd(input, weight, bias) ||
       (given(residual) && dual_level_open() && has_tangent(*residual))) {
+    std::tie(output, save_mean, save_var) = act_forward_op().call(
+        input, weight, bias, running_mean, running_var, training, eps, residual, activation);
+  } else if (records_nothing(input, {&weight, &bias, &residual})) {  // as in batch_norm
+    check_not_requiring_grad(running_mean, running_var);
+    at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(output, save_mean, save_var) = act_forward_op().call(
         input, weight, bias, running_mean, running_var, training, eps, residual, activation);
   } else {  // the eager fast path, as in batch_norm

@@ -132,3 +132,35 @@ def test_reduced_precision_gradients_as_accurate_as_native(layout, dtype):
         native_error = (native - oracle).abs().max().item()
         ulp = oracle.abs().max().item() * torch.finfo(dtype).eps
         assert ours_error <= max(native_error, 2 * ulp), (ours_error, native_error)
+
+
+# Where autograd has nothing to record (torch.no_grad, inference mode, or no argument that
+# requires grad), the composite operators skip the C++ autograd Function and run the
+# forward alone.  That path must give the same bits and the same running statistics as the
+# recorded one, and an output that, like native's, requires no grad.
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing requires grad"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_with_nothing_to_record_matches_the_recorded_one(training, context, fused):
+    x = make_input((4, 6, 5, 5), torch.float32, "channels_last" if fused else "contiguous")
+    residual = torch.randn_like(x) if fused else None
+
+    def run(requires_grad, ctx):
+        torch.manual_seed(1)
+        weight = (torch.rand(6) + 0.5).requires_grad_(requires_grad)
+        bias = torch.randn(6).requires_grad_(requires_grad)
+        mean, var = torch.randn(6), torch.rand(6) + 0.5
+        with ctx:
+            out = batchnorm_ext.batch_norm(x, mean, var, weight, bias, training, 0.1, 1e-5,
+                                           residual=residual, activation="relu" if fused else None)
+        return out, mean, var
+
+    recorded, mean_r, var_r = run(True, torch.enable_grad())
+    assert recorded.grad_fn is not None
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+           "nothing requires grad": torch.enable_grad()}[context]
+    alone, mean_a, var_a = run(context != "nothing requires grad", ctx)
+    assert not alone.requires_grad and alone.grad_fn is None
+    for a, b in [(alone, recorded), (mean_a, mean_r), (var_a, var_r)]:
+        assert torch.equal(a, b.detach())
+    assert alone.stride() == recorded.stride()

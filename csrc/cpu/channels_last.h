@@ -119,21 +119,22 @@ bool lane_sums(const T* x, int64_t period, int64_t n, LaneSums<opmath_t<T>>& out
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = kLanes<T>;
   // Sweep 1, row after row as the data lies in memory (so that it streams): the sum of
-  // every lane, kept in out.mean.  A ragged period's last vector is partial (its missing
-  // lanes read 0, and are never read back).
-  // Four rows at a time, in order, for each vector of sums: one load and store of the sum
-  // per four vectors of data.
+  // every lane, kept in out.mean.  Four rows at a time, in order, for each vector of sums:
+  // one load and store of the sum per four vectors of data.  A ragged period's last vector
+  // is partial (its missing lanes read 0, and are never read back).
   acc_t* sum = out.mean.data();
   for (int64_t k = 0; k < period; k += L) load_vec_n(x + k, std::min(L, period - k)).store(sum + k);
   for_each_row_group(1, n, [&](int64_t r, auto rows) {
     for (int64_t k = 0; k < period; k += L) {
       Vec s = Vec::loadu(sum + k);
-      for (int q = 0; q < decltype(rows)::value; ++q) s += load_vec_n(x + (r + q) * period + k, std::min(L, period - k));
+      for (int q = 0; q < decltype(rows)::value; ++q) {
+        s += load_vec_n(x + (r + q) * period + k, std::min(L, period - k));
+      }
       s.store(sum + k);
     }
   });
-  // Sweep 2, over the block now in L1: a group of columns at a time, so that the
-  // accumulators are registers.
+  // Sweep 2, over the block now in L1 (L2 for long periods): a group of columns at a time,
+  // so that the accumulators are registers.
   const Vec inv_n(acc_t(1) / acc_t(n));
   Vec all_sq(0);
   for_each_column_group<T>(period, [&](auto group, int64_t k) {
@@ -442,7 +443,9 @@ void channels_last_map(const ChannelsLastPlan& plan,
       for (int64_t k = 0; k < full; k += L) {
         std::array<Vec, NP> c;
         for (int q = 0; q < NP; ++q) c[q] = Vec::loadu(patterns[q] + k);
-        for (int r = 0; r < R; ++r) put_vec<kStream>(out + i + r * P + k, f(c, load_vec(in + i + r * P + k)...));
+        for (int r = 0; r < R; ++r) {
+          put_vec<kStream>(out + i + r * P + k, f(c, load_vec(in + i + r * P + k)...));
+        }
       }
       if (full < P) {
         std::array<Vec, NP> c;
