@@ -28,8 +28,9 @@ inline namespace CPU_CAPABILITY {
 
 // The longest lcm(C, lanes) period; longer ones become rows.
 constexpr int64_t kMaxPeriod = 2048;
-// The most values of a block of periods: 512 KiB of floats, which L2 holds (1 MiB and
-// more per core on the CPUs here).
+// The values of a block of periods, unless its periods are very long (see
+// periods_per_block): 512 KiB of floats, which L2 holds (1 MiB and more per core on the
+// CPUs here).
 constexpr int64_t kL2BlockValues = int64_t(1) << 17;
 
 struct ChannelsLastPlan {
@@ -55,7 +56,8 @@ struct ChannelsLastPlan {
     periods = rows * channels / period;
     tail_begin = periods * period;
     // 64 periods, so that merging a block's per-lane sums (in double, per lane) costs
-    // little next to reading them; at most 512 KiB, in L2 between the two sweeps (blocks
+    // little next to reading them; fewer (4 at least) where 64 would pass 512 KiB, which
+    // stays in L2 between the two sweeps (blocks
     // of long periods do not fit in L1, and their second sweep reads from L2, which costs
     // less than merging more, smaller blocks).  Measured, channels-last training forward,
     // 16 periods -> 64: (8, 2048, 7, 7) 0.60 -> 0.50 ms, (256, 1024) 0.156 -> 0.140 ms;
