@@ -143,6 +143,8 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildWithIsaFlags},
+    # torch.compile(model, backend="batchnorm_ext") without importing batchnorm_ext first.
+    entry_points={"torch_dynamo_backends": ["batchnorm_ext = batchnorm_ext._backend:backend"]},
     python_requires=">=3.9",
     install_requires=["torch"],
 )

@@ -6,6 +6,7 @@ statistics, as custom operators with autograd.
     y = batchnorm_ext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
     model = batchnorm_ext.convert_model(model)    # every torch.nn.BatchNorm*d swapped
     model = batchnorm_ext.revert_model(model)     # and back
+    compiled = torch.compile(model, backend="batchnorm_ext")  # our kernels, unconverted
 """
 import torch  # noqa: F401  (first: _C links against torch's libraries, loaded by it)
 
@@ -23,6 +24,17 @@ from .sync import SyncBatchNorm
 _register_symbolic()
 
 __version__ = "0.1.0"
+
+# The torch.compile backend (batchnorm_ext._backend) imports Inductor, which takes most of
+# a second: imported on first use.
+_LAZY = {"compile_backend", "enable_compile_integration", "disable_compile_integration"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import _backend
+        return getattr(_backend, name)
+    raise AttributeError(f"module 'batchnorm_ext' has no attribute {name!r}")
 
 
 def cpu_capability():
@@ -48,7 +60,10 @@ __all__ = [
     "batch_norm",
     "convert_model",
     "fuse",
+    "compile_backend",
     "cpu_capability",
+    "disable_compile_integration",
+    "enable_compile_integration",
     "fuser_method_mapping",
     "onnx_translation_table",
     "ops",

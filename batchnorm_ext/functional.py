@@ -26,13 +26,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     if _onnx.exporting():  # torch.onnx.export(dynamo=True): see _onnx.py
         output = _onnx.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
-        output = output if residual is None else output + residual
-        return _ACTIVATION_FUNCTIONS[activation or "identity"](output)
+        return _unfused(output, residual, activation or "identity")
     if residual is None and activation in (None, "identity"):
         return _normalize(input, weight, bias, running_mean, running_var, training, momentum, eps,
                           None)
     return _normalize_act(input, weight, bias, running_mean, running_var, training, momentum, eps,
                           None, residual, activation or "identity")
+
+
+def _unfused(output, residual, activation):
+    """activation(output + residual) in torch's ops."""
+    output = output if residual is None else output + residual
+    return _ACTIVATION_FUNCTIONS[activation](output)
 
 
 def _normalize(input, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -60,6 +65,6 @@ def _normalize_act(input, weight, bias, running_mean, running_var, training, mom
                                      residual.device == input.device):
         output = _normalize(input, weight, bias, running_mean, running_var, training, momentum,
                             eps, num_batches_tracked)
-        return _ACTIVATION_FUNCTIONS[activation](output + residual)
+        return _unfused(output, residual, activation)
     return _batch_norm_act(input, weight, bias, running_mean, running_var, training, momentum, eps,
                            num_batches_tracked, residual, activation)

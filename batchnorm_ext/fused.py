@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _onnx, modules
-from .functional import _normalize_act
+from .functional import _normalize_act, _unfused
 
 _ACTIVATION_MODULES = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu"}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
@@ -80,8 +80,10 @@ class _BatchNormAct:
         if _onnx.exporting():  # BatchNormalization, then the add and the activation
             output = _onnx.batch_norm(input, self.weight, self.bias, running_mean, running_var,
                                       use_batch_stats, self.eps)
-            output = output if residual is None else output + residual
-            return {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}[self.activation](output)
+            return _unfused(output, residual, self.activation)
+        if not use_batch_stats and modules._compiling():  # see modules._native_eval
+            output = modules._native_eval(self, input, running_mean, running_var)
+            return _unfused(output, residual, self.activation)
         return _normalize_act(input, self.weight, self.bias, running_mean, running_var,
                               use_batch_stats, momentum, self.eps, counter, residual,
                               self.activation)
@@ -172,6 +174,10 @@ def _residual_of(add, value):
     if not is_add or add.kwargs or len(add.args) != 2:
         return None
     a, b = add.args
+    # An in-place add must write into the batch norm's side (`out += identity`): one that
+    # writes into the other tensor (`identity += out`) changes it for its other readers.
+    if (add.target in (operator.iadd, "add_")) and a is not value:
+        return None
     other = b if a is value else a if b is value else None
     # y + y is no residual: the batch norm's output would be its own residual.
     return other if isinstance(other, torch.fx.Node) and other is not value else None

@@ -77,8 +77,23 @@ class OnOurKernel:
         if _onnx.exporting():  # torch.onnx.export(dynamo=True): see _onnx.py
             return _onnx.batch_norm(input, self.weight, self.bias, running_mean, running_var,
                                     use_batch_stats, self.eps)
+        if not use_batch_stats and _compiling():
+            return _native_eval(self, input, running_mean, running_var)
         return _batch_norm_op(input, self.weight, self.bias, running_mean, running_var,
                               use_batch_stats, momentum, self.eps, counter)
+
+
+def _compiling():
+    """Whether torch.compile is tracing (not torch.export, which keeps our operators)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+def _native_eval(module, input, running_mean, running_var):
+    """The eval batch norm as torch's, for torch.compile: AOTAutograd decomposes it into
+    pointwise ops that Inductor fuses with its neighbours, or, with freezing, folds into the
+    convolution before it (our operator would be an opaque call that stops both)."""
+    return torch.nn.functional.batch_norm(input, running_mean, running_var, module.weight,
+                                          module.bias, False, 0.0, module.eps)
 
 
 def batch_norm_arguments(module):

@@ -436,7 +436,7 @@ def help_epilog():
                      f"{' '.join(DEFAULT_SHAPES_1D)}. --full adds {' '.join(FULL_EXTRA_SHAPES)}. "
                      + " ".join(f"--layers {k}: {' '.join(v)}." for k, v in LAYER_SHAPES.items())
                      + f" --networks: {DEFAULT_INPUT}. --sync: {' '.join(SYNC_SHAPES)}."),
-        ("--layouts", "nchw nhwc (op level, --model); nchw (--layers, --networks)"),
+        ("--layouts", "nchw nhwc (op level, --model, --networks); nchw (--layers)"),
         ("--dtypes", "float32 bfloat16, bfloat16 in the training forward only (op level); "
                      "--full: every dtype in every mode; --layers, --networks: float32. Given "
                      "explicitly, every dtype runs in every mode."),
@@ -462,11 +462,13 @@ def parse_args(argv=None):
     mode.add_argument("--full", action="store_true",
                       help="op level: every shape, layout, dtype and mode (default: off)")
     mode.add_argument("--layers", nargs="*", choices=KINDS, metavar="KIND",
-                      help="layers as in models, forward + backward, five variants (native, "
-                           "native compiled, ours, ours fused, ours compiled); KIND of "
+                      help="layers as in models, forward + backward, seven variants (native, "
+                           "native compiled, ours, ours fused, ours compiled, native compiled "
+                           "with backend=batchnorm_ext, ours fused compiled); KIND of "
                            f"{', '.join(KINDS)} (default when given alone: all)")
     mode.add_argument("--networks", nargs="*", choices=NETWORKS, metavar="NAME",
-                      help="torchvision models' training steps (SGD), the same five variants; "
+                      help="torchvision models' training steps (SGD) and eval forward "
+                           "(--modes train eval), the same seven variants; "
                            f"NAME of {', '.join(NETWORKS)} (default when given alone: all)")
     mode.add_argument("--zoo", action="store_true",
                       help="the input shape of every batch-norm layer of torchvision and timm "
@@ -489,7 +491,8 @@ def parse_args(argv=None):
                           "autocast (default: see below)")
     sel.add_argument("--modes", nargs="+", choices=MODES,
                      help="op level: train (training forward), eval, train_fwd_bwd "
-                          "(default: all three)")
+                          "(default: all three); --networks: train (a training step), eval "
+                          "(default: both)")
     run = parser.add_argument_group("how")
     run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     run.add_argument("--alloc", choices=["default", "warm", "both"],
@@ -525,7 +528,7 @@ def parse_args(argv=None):
     args.kind = modes[0] if modes else "default"
     args.alloc = args.alloc or ("warm" if args.kind == "zoo" else "both")
     if args.kind in ("layers", "networks"):
-        args.layouts = args.layouts or ["nchw"]
+        args.layouts = args.layouts or (["nchw"] if args.kind == "layers" else ["nchw", "nhwc"])
         args.dtypes = args.dtypes or ["float32"]
         args.rounds = args.rounds or 3
         args.min_run_time = args.min_run_time or (0.2 if args.kind == "layers" else 1.0)

@@ -1,4 +1,4 @@
-"""Layers as they appear in models, forward + backward, in the five variants of
+"""Layers as they appear in models, forward + backward, in the variants of
 benchmarks/variants.py.
 
   bn_relu      BatchNorm2d -> ReLU(inplace)                     (every conv-BN-ReLU)
@@ -24,7 +24,7 @@ import torch
 import batchnorm_ext
 from harness import (check_variant, fuse_missing, fused_functional_missing, interleaved, note,
                      parse_shape, progress, relative_error)
-from variants import VARIANTS, compile_module
+from variants import COMPILED, VARIANTS, compile_module, compile_with_backend
 
 KINDS = ["bn_relu", "bn_add_relu", "basic_block", "bottleneck"]
 # ResNet-50 at batch 16 (224x224 input): BN -> ReLU in the stem and inside the bottlenecks,
@@ -135,11 +135,17 @@ class LayerCase:
         else:
             why = fuse_missing(batchnorm_ext)
             make = lambda: batchnorm_ext.fuse(batchnorm_ext.convert_model(copy.deepcopy(native)))  # noqa: E731
+        native_b = copy.deepcopy(native)
+        self.modules["native_backend"] = native_b
+        self.callables["native_backend"] = compile_with_backend(native_b)
         if why:
-            self.notes["ours_fused"] = why
+            self.notes["ours_fused"] = self.notes["fused_compiled"] = why
         else:
             fused = make()
             self.modules["ours_fused"] = self.callables["ours_fused"] = fused
+            fused_c = make()
+            self.modules["fused_compiled"] = fused_c
+            self.callables["fused_compiled"] = compile_module(fused_c)
 
     def step(self, variant):
         """A closure: forward + backward; returns (output, grads of inputs and parameters)."""
@@ -211,7 +217,7 @@ def run_layers(args, alloc):
             note(bar, f"{kind} {shape}: checking {variant}")
             start = time.perf_counter()
             case.check(variant, errors)  # the first call compiles the compiled variants
-            if variant.endswith("compiled"):
+            if variant in COMPILED:
                 compile_s[variant] = time.perf_counter() - start
         note(bar, f"{kind} {shape}: timing")
         times = interleaved([case.step(v) for v in VARIANTS], args.rounds, args.min_run_time)

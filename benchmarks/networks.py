@@ -1,5 +1,7 @@
-"""Real models' training steps (torchvision, through tests/zoo.py), in the five variants of
-benchmarks/variants.py: forward, cross-entropy loss, backward, SGD step.
+"""Real models' training steps (torchvision, through tests/zoo.py), in the variants of
+benchmarks/variants.py: forward, cross-entropy loss, backward, SGD step; and their eval
+forward (no_grad; every compiled variant with Inductor's freezing, which folds native batch
+norms into the convolutions).
 
 Dropout is set to p=0 (mobilenet_v3's classifier) so that every variant computes the same
 step.  Before timing, one step's loss and gradient of each variant (from the same weights)
@@ -15,48 +17,60 @@ import batchnorm_ext
 from harness import (check_variant, fuse_missing, interleaved, note, parse_shape, progress,
                      relative_error)
 from layers import torchvision
-from variants import VARIANTS, compile_module
+from variants import COMPILED, VARIANTS, compile_module, compile_with_backend
 
-NETWORKS = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"]
+NETWORKS = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]
+MODES = ["train", "eval"]
 DEFAULT_INPUT = "16x3x112x112"
 NUM_CLASSES = 100
 
 
-def build(name, tv, layout):
+def build(name, tv, layout, mode):
+    """The model, with dropout and stochastic depth off in training (every variant then
+    computes the same step)."""
     model = getattr(tv.models, name)(num_classes=NUM_CLASSES)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(m, tv.ops.StochasticDepth):
+            m.p = 0.0
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    return model.to(memory_format=fmt).train()
+    return model.to(memory_format=fmt).train(mode == "train")
 
 
 class NetworkCase:
-    def __init__(self, name, shape, layout, dtype, lr, tv):
-        self.name, self.shape, self.layout, self.dtype = name, shape, layout, dtype
+    def __init__(self, name, shape, layout, dtype, lr, tv, mode="train"):
+        self.name, self.shape, self.layout, self.dtype, self.mode = name, shape, layout, dtype, mode
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
         self.autocast = dtype == "bfloat16-mixed"
-        native = build(name, tv, layout)
+        native = build(name, tv, layout, mode)
         self.x = torch.randn(shape).contiguous(memory_format=fmt)
         self.target = torch.randint(0, NUM_CLASSES, (shape[0],))
         self.names = [n for n, _ in native.named_parameters()]
         self.notes = {}
         self.modules = {"native": native}
         self.callables = {"native": native}
-        nc = copy.deepcopy(native)
-        self.modules["native_compiled"], self.callables["native_compiled"] = nc, compile_module(nc)
-        ours = batchnorm_ext.convert_model(copy.deepcopy(native))
-        self.modules["ours"] = self.callables["ours"] = ours
-        why = fuse_missing(batchnorm_ext)
-        if why:
-            self.notes["ours_fused"] = why
-        else:
-            fused = batchnorm_ext.fuse(batchnorm_ext.convert_model(copy.deepcopy(native)))
-            self.modules["ours_fused"] = self.callables["ours_fused"] = fused
-        oc = batchnorm_ext.convert_model(copy.deepcopy(native))
-        self.modules["ours_compiled"], self.callables["ours_compiled"] = oc, compile_module(oc)
+        freezing = mode == "eval"
+        for variant, prepare, compiler in [
+                ("native_compiled", None, compile_module),
+                ("ours", batchnorm_ext.convert_model, None),
+                ("ours_fused", self.fused, None),
+                ("ours_compiled", batchnorm_ext.convert_model, compile_module),
+                ("native_backend", None, compile_with_backend),
+                ("fused_compiled", self.fused, compile_module)]:
+            if prepare is self.fused and fuse_missing(batchnorm_ext):
+                self.notes[variant] = fuse_missing(batchnorm_ext)
+                continue
+            module = copy.deepcopy(native)
+            module = prepare(module) if prepare else module
+            self.modules[variant] = module
+            self.callables[variant] = compiler(module, freezing=freezing) if compiler else module
         self.optimizers = {v: torch.optim.SGD(m.parameters(), lr=lr)
                            for v, m in self.modules.items()}
+
+    @staticmethod
+    def fused(model):
+        return batchnorm_ext.fuse(batchnorm_ext.convert_model(model))
 
     def loss_and_grads(self, variant, model=None, x=None, autocast=None):
         """One forward + backward from the current weights, no optimizer step."""
@@ -74,17 +88,29 @@ class NetworkCase:
         module.zero_grad(set_to_none=True)
         return loss.item(), grads
 
+    def eval_output(self, variant, model=None, x=None):
+        call = model if model is not None else self.callables[variant]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                             enabled=self.autocast and model is None):
+            return call(self.x if x is None else x).double()
+
     def oracle(self):
-        """Loss and gradient of the same step in float64 (no autocast), computed once."""
+        """Loss and gradient of the same step (in eval: the output) in float64 (no
+        autocast), computed once."""
         if not hasattr(self, "_oracle"):
             model = copy.deepcopy(self.modules["native"]).double()
-            self._oracle = self.loss_and_grads(None, model, self.x.double(), autocast=False)
+            if self.mode == "eval":
+                self._oracle = self.eval_output(None, model, self.x.double())
+            else:
+                self._oracle = self.loss_and_grads(None, model, self.x.double(), autocast=False)
             del model
         return self._oracle
 
     def error(self, variant):
-        """The worse of the loss's and the whole gradient's (every parameter's, as one
-        vector) relative error against float64."""
+        """In training, the worse of the loss's and the whole gradient's (every parameter's,
+        as one vector) relative error against float64; in eval, the output's."""
+        if self.mode == "eval":
+            return relative_error(self.oracle(), self.eval_output(variant))
         ref_loss, ref_grads = self.oracle()
         states = {v: copy.deepcopy(m.state_dict()) for v, m in self.modules.items()}
         loss, grads = self.loss_and_grads(variant)
@@ -93,11 +119,11 @@ class NetworkCase:
         return max(abs(loss - ref_loss) / abs(ref_loss), relative_error(ref_grads, grads))
 
     def check(self, variant, errors):
-        """One step's loss and gradient against float64, from the same weights, beside
-        native's (harness.check_variant).  Not against native's bits: a float32 training
-        step of a deep network lands 1e-3 to 1e-2 (relative) from float64, whichever
-        implementation computes it (resnet18 at 16x3x112x112, seeds 0, 1, 2: native eager
-        1.3e-3, 7.4e-3, 2.2e-3; native compiled 7.4e-4, 4.8e-3, 8.4e-3)."""
+        """One step's loss and gradient (in eval, the output) against float64, from the
+        same weights, beside native's (harness.check_variant).  Not against native's bits:
+        a float32 training step of a deep network lands 1e-3 to 1e-2 (relative) from
+        float64, whichever implementation computes it (resnet18 at 16x3x112x112, seeds 0,
+        1, 2: native eager 1.3e-3, 7.4e-3, 2.2e-3; native compiled 7.4e-4, 4.8e-3, 8.4e-3)."""
         if "native" not in errors:
             errors["native"] = self.error("native")
         errors[variant] = self.error(variant)
@@ -116,37 +142,44 @@ class NetworkCase:
                 logits = model(x)
             torch.nn.functional.cross_entropy(logits.float(), target).backward()
             optimizer.step()
-        return run
+
+        def infer():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model(x)
+        return infer if self.mode == "eval" else run
 
     def describe(self):
-        return f"{'x'.join(map(str, self.shape))} {self.layout} {self.dtype}"
+        return f"{'x'.join(map(str, self.shape))} {self.layout} {self.dtype} {self.mode}"
 
 
 def run_networks(args, alloc):
     torch.set_num_threads(args.threads)
     tv = torchvision()
     shapes = args.shapes or [DEFAULT_INPUT]
-    cases = [(name, shape, layout, dtype) for name in args.networks for shape in shapes
-             for layout in args.layouts for dtype in args.dtypes]
+    modes = [m for m in (args.modes or MODES) if m in MODES]
+    cases = [(name, shape, layout, dtype, mode) for name in args.networks for shape in shapes
+             for mode in modes for layout in args.layouts for dtype in args.dtypes]
     rows = []
     bar = progress(cases, f"networks, allocator={alloc}", "model")
-    for name, shape, layout, dtype in bar:
+    for name, shape, layout, dtype, mode in bar:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        case = NetworkCase(name, parse_shape(shape), layout, dtype, args.lr, tv)
+        case = NetworkCase(name, parse_shape(shape), layout, dtype, args.lr, tv, mode)
         compile_s, errors = {}, {}
         for variant in VARIANTS[1:]:
             if variant not in case.callables:
                 continue
-            note(bar, f"{name}: checking {variant}" + (" (compiling)" if "compiled" in variant else ""))
+            compiling = variant in COMPILED
+            note(bar, f"{name} {mode}: checking {variant}" + (" (compiling)" if compiling else ""))
             start = time.perf_counter()
             case.check(variant, errors)
-            if variant.endswith("compiled"):
+            if compiling:
                 compile_s[variant] = time.perf_counter() - start
-        note(bar, f"{name}: timing")
+        note(bar, f"{name} {mode}: timing")
         times = interleaved([case.step(v) for v in VARIANTS], args.rounds, args.min_run_time)
         row = {"kind": "networks", "case": name, "shape": shape, "layout": layout,
-               "dtype": dtype, "mode": "training step (SGD)", "allocator": alloc}
+               "dtype": dtype, "mode": "training step (SGD)" if mode == "train" else
+               "eval forward (no_grad; compiled with freezing)", "allocator": alloc}
         for variant, t in zip(VARIANTS, times):
             row[f"{variant}_ms"] = None if t is None else t * 1e3
         row["speedup"] = row["native_ms"] / row["ours_ms"]

@@ -1,29 +1,54 @@
 """Where a training step's time goes: torch.profiler's self CPU time of one torchvision
 model's training step (forward, cross-entropy loss, backward, SGD), grouped into
-convolutions, batch norms, ReLU/add and the rest, for native and for ours (converted and
-fused).  The batch norms' and ReLU/adds' share of native's step bounds what any batch norm
-can gain on that model.  One thread; run with the warm allocator as bench.py does:
+convolutions, batch norms, activations and adds, and the rest, for each variant of
+benchmarks/variants.py (by default native, native compiled, ours fused, native under
+backend=batchnorm_ext, ours fused compiled).  The share of batch norms, activations and
+adds in native's eager step bounds what any batch norm can gain on that model.  Inductor's
+generated kernels are profiled one by one (cpp.enable_kernel_profile) and grouped by their
+names, which name the operators fused into them (a kernel that holds a batch norm counts
+as batch norm).  One thread; run with the warm allocator as bench.py does:
 
     MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=100000000000 \\
         python benchmarks/step_profile.py [resnet18|resnet50|...] [--batch 16] [--size 112]
 """
 import argparse
+import copy
 
 import torch
 
 import batchnorm_ext
 from layers import torchvision
+from variants import VARIANTS, compile_module, compile_with_backend
 
-ELEMENTWISE = {"aten::relu", "aten::relu_", "aten::threshold_backward", "aten::add",
-               "aten::add_", "aten::clamp_min", "aten::clamp_min_"}
+ELEMENTWISE = ("relu", "threshold_backward", "add", "clamp_min", "silu", "hardswish", "sigmoid",
+               "mul")
+DEFAULT_VARIANTS = ["native", "native_compiled", "ours_fused", "native_backend", "fused_compiled"]
 
 
 def group(name):
+    """The group of a profiler event: an ATen operator (aten::relu_), one of ours
+    (batchnorm_ext::batch_norm_act_forward) or an Inductor kernel (cpp_fused_relu_3)."""
+    name = name.lower()
     if "conv" in name or "mkldnn" in name:
         return "convolution"
     if "batch_norm" in name or "batchnorm" in name:
         return "batch norm"
-    return "ReLU, add" if name in ELEMENTWISE else "other"
+    operator = name.split("::")[-1].removeprefix("cpp_fused_")
+    if any(part in ELEMENTWISE for part in operator.strip("_").split("_")):
+        return "activation, add"
+    return "other"
+
+
+def prepare(variant, model):
+    if variant in ("ours", "ours_compiled"):
+        model = batchnorm_ext.convert_model(model)
+    if variant in ("ours_fused", "fused_compiled"):
+        model = batchnorm_ext.fuse(batchnorm_ext.convert_model(model))
+    if variant in ("native_compiled", "ours_compiled", "fused_compiled"):
+        return model, compile_module(model)
+    if variant == "native_backend":
+        return model, compile_with_backend(model)
+    return model, model
 
 
 def main():
@@ -32,34 +57,38 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     tv = torchvision()
-    for variant in ("native", "ours, fused"):
-        torch.manual_seed(0)
-        model = getattr(tv.models, args.model)(num_classes=100).train()
-        if variant != "native":
-            model = batchnorm_ext.fuse(batchnorm_ext.convert_model(model))
+    fmt = torch.channels_last if args.layout == "nhwc" else torch.contiguous_format
+    torch.manual_seed(0)
+    native = getattr(tv.models, args.model)(num_classes=100).train().to(memory_format=fmt)
+    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=fmt)
+    target = torch.randint(0, 100, (args.batch,))
+    for variant in args.variants:
+        model, call = prepare(variant, copy.deepcopy(native))
         sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x = torch.randn(args.batch, 3, args.size, args.size)
-        target = torch.randint(0, 100, (args.batch,))
 
         def step():
             sgd.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), target).backward()
+            torch.nn.functional.cross_entropy(call(x), target).backward()
             sgd.step()
 
-        for _ in range(3):
-            step()
-        with torch.profiler.profile() as profile:
-            for _ in range(args.steps):
+        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+            for _ in range(3):  # compiles the compiled variants
                 step()
+            with torch.profiler.profile() as profile:
+                for _ in range(args.steps):
+                    step()
         shares = {}
         for event in profile.key_averages():
             shares[group(event.key)] = shares.get(group(event.key), 0) + event.self_cpu_time_total
         total = sum(shares.values())
-        print(f"{args.model} {variant}: {total / args.steps / 1e3:.1f} ms per step (profiled); "
-              + ", ".join(f"{name} {100 * t / total:.0f}%" for name, t in sorted(shares.items())))
+        print(f"{args.model} {args.layout} {variant}: {total / args.steps / 1e3:.1f} ms per step "
+              "(profiled); " + ", ".join(f"{name} {100 * t / total:.0f}%"
+                                         for name, t in sorted(shares.items())), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ COLUMNS = [("nchw", "float32", "train"), ("nchw", "float32", "eval"),
 TITLES = {"train": "train fwd", "eval": "eval", "train_fwd_bwd": "train fwd+bwd"}
 MODES = ["train", "eval", "train_fwd_bwd"]
 LAYOUTS_1D = ("nc", "ncl")
-VARIANTS = ["native", "native_compiled", "ours", "ours_fused", "ours_compiled"]
-VARIANT_TITLES = {"native": "native", "native_compiled": "native, torch.compile", "ours": "ours",
-                  "ours_fused": "ours fused", "ours_compiled": "ours, torch.compile"}
+from variants import TITLES as VARIANT_TITLES, VARIANTS  # noqa: E402 (beside this file)
 # The tracked geometric means are over the default shapes of at least this many values
 # (the small (2, 3, 4, 4) call is tracked on its own).
 TARGET_MIN_NUMEL = 100_000

@@ -74,3 +74,15 @@ def strided_leaf(t):
     view = base.as_strided(t.shape, t.stride(), t.storage_offset())
     view.retain_grad()
     return base, view
+
+
+def generated_code(code):
+    """Inductor's generated code (run_and_get_code's list) as what it computes: without
+    comments (the graph's number in the process, source node names, the addresses of
+    frozen parameters) and without the checks of sizes and strides (whose messages name
+    the pattern that made a node)."""
+    import re
+    lines = [re.sub(r"\s*#(?!include|pragma|define|if|endif|else).*$", "", line)
+             for c in code for line in c.splitlines()]
+    return [line for line in lines if line.strip() and "assert_size_stride(" not in line
+            and "assert_alignment(" not in line]

@@ -1,0 +1,213 @@
+"""torch.compile(model, backend="batchnorm_ext"): our kernels in models never converted.
+
+    compiled = torch.compile(model, backend="batchnorm_ext")      # mode=, dynamic=, fullgraph=
+    compiled = torch.compile(model, backend=batchnorm_ext.compile_backend(freezing=True))
+
+The backend is Inductor with one more pass, BatchNormRewrite, which runs on the graph
+Dynamo captured, before AOTAutograd (Inductor's pre-grad custom pass): there a module's
+batch norm is still one `F.batch_norm` call, where AOTAutograd would decompose it into
+var_mean and pointwise ops.  Each batch norm that normalizes with batch statistics (a
+training-mode module) becomes our operator; a ReLU or SiLU after it, or an add of a
+residual and then the activation, go into the same call (batch_norm_act), found by the
+matchers of batchnorm_ext.fuse.  Batch norms that normalize with running statistics
+(eval) stay native: Inductor fuses them as pointwise ops, or, with freezing, folds them
+into the convolution before them.  Everything else is Inductor's.
+
+Inductor cannot fuse anything into an operator it does not generate (an extern kernel), so
+the fusion has to be ours, made before Inductor sees the graph.
+
+The pass is a CustomGraphPass: its uuid() (the package's version and a hash of its Python
+sources, which hold the rewrite, the autograd formulas and the fake kernels, and of its
+compiled library, which holds the schemas) goes into the keys of Inductor's FX graph cache
+and of the AOTAutograd cache, so that neither serves a graph compiled through another
+version of the package.  (A converted model under plain torch.compile has no such salt:
+torch gives an operator library no way into those keys but a custom pass.)
+
+enable_compile_integration() installs the same pass for plain torch.compile(model).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import (CustomGraphPass, get_custom_graph_passes,
+                                               get_hash_for_files)
+from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import fused
+from ._ops import ops
+
+# The positional parameters of the batch-norm calls the pass recognizes.
+_PARAMETERS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training",
+                   "momentum", "eps"),
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training",
+                       "momentum", "eps", "cudnn_enabled"),
+    ops.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
+                             "training", "momentum", "eps", "num_batches_tracked"),
+}
+_DEFAULTS = {"running_mean": None, "running_var": None, "weight": None, "bias": None,
+             "training": False, "momentum": 0.1, "eps": 1e-5, "num_batches_tracked": None}
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _value(node):
+    """The fake tensor Dynamo recorded for a graph node (None for constants)."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+
+
+def _batch_norm_call(node):
+    """The arguments of a batch-norm call node (by name), if it normalizes a CPU tensor
+    with batch statistics and the pass may replace it; else None."""
+    parameters = _PARAMETERS.get(node.target) if node.op == "call_function" else None
+    if parameters is None or len(node.args) > len(parameters) or not set(node.kwargs) <= set(parameters):
+        return None
+    args = {**_DEFAULTS, **dict(zip(parameters, node.args)), **node.kwargs}
+    # Constants Dynamo specialized on: batch statistics, a known momentum (momentum=None in a
+    # module is a cumulative average that Dynamo computes from the counter: left to torch).
+    if args["training"] is not True or not isinstance(args["eps"], float) or \
+            not isinstance(args["momentum"], (float, int)) and \
+            not (node.target is ops.batch_norm.default and args["momentum"] is None):
+        return None
+    if (args["running_mean"] is None) != (args["running_var"] is None):
+        return None  # native raises its own error
+    input = _value(args["input"])
+    if not isinstance(input, torch.Tensor) or input.device.type != "cpu" or \
+            input.dtype not in _DTYPES or input.dim() < 2:
+        return None
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if args[name] is not None and (not isinstance(_value(args[name]), torch.Tensor) or
+                                       _value(args[name]).device.type != "cpu"):
+            return None
+    return args
+
+
+def _same_tensor_kind(a, b):
+    """Whether fake tensors a and b have the same shape (for every value of symbolic
+    sizes), dtype and device: a residual the fused kernel takes as it is."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim() and
+            a.dtype == b.dtype and a.device == b.device and
+            all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
+
+
+def rewrite(graph):
+    """Replaces, in a Dynamo graph, the batch norms that use batch statistics by our
+    operators, fused with what follows them (see the module's documentation); returns
+    the number of batch norms replaced.  Each one is counted by what it became in
+    torch._dynamo.utils.counters["batchnorm_ext"] ("batch_norm", "batch_norm+relu",
+    "batch_norm+add+silu", ...)."""
+    root = graph.owning_module
+    replaced = 0
+    for node in list(graph.nodes):
+        args = _batch_norm_call(node)
+        if args is None:
+            continue
+        fusion = fused._find(node, root)
+        if fusion is not None and fusion.residual is not None and \
+                not _same_tensor_kind(_value(fusion.residual), _value(args["input"])):
+            fusion = None  # a residual that broadcasts or converts: the add stays torch's
+        if fusion is None and node.target is ops.batch_norm.default:
+            continue  # ours already (a converted model), with nothing to fuse
+        operands = (args["input"], args["weight"], args["bias"], args["running_mean"],
+                    args["running_var"], True, args["momentum"], args["eps"],
+                    args["num_batches_tracked"])
+        last = fusion.nodes[-1] if fusion is not None else node
+        with graph.inserting_before(last):
+            if fusion is None:
+                call = graph.call_function(ops.batch_norm.default, operands)
+            else:
+                call = graph.call_function(ops.batch_norm_act.default, operands + (
+                    fusion.residual, fusion.activation or "identity"))
+        call.meta.update(last.meta)  # the same value as the last node it replaces
+        last.replace_all_uses_with(call)
+        for dead in reversed(fusion.nodes if fusion is not None else []):
+            graph.erase_node(dead)
+        graph.erase_node(node)
+        replaced += 1
+        kind = "+".join(["batch_norm"] + (["add"] if fusion and fusion.residual is not None else []) +
+                        ([fusion.activation] if fusion and fusion.activation else []))
+        counters["batchnorm_ext"][kind] += 1
+    if replaced:
+        graph.lint()
+    return replaced
+
+
+def _sources_hash():
+    """A hash of the package's Python sources and of its compiled library (whose schemas
+    and their tags, such as flexible_layout, Inductor reads and its caches do not see)."""
+    from . import _C
+    package = os.path.dirname(os.path.abspath(__file__))
+    paths = sorted(os.path.join(package, f) for f in os.listdir(package) if f.endswith(".py"))
+    return get_hash_for_files(tuple(paths) + (os.path.abspath(_C.__file__),)).hex()
+
+
+class BatchNormRewrite(CustomGraphPass):
+    """rewrite() as an Inductor pre-grad custom pass, with a uuid for the caches."""
+
+    def __call__(self, graph):
+        rewrite(graph)
+
+    def uuid(self):
+        from . import __version__
+        return f"batchnorm_ext-{__version__}-{_sources_hash()}"
+
+
+def _with_rewrite(passes):
+    """Inductor's pre_grad_custom_pass setting `passes` with ours added (once), as a list."""
+    passes = list(get_custom_graph_passes(passes))
+    return passes if any(isinstance(p, BatchNormRewrite) for p in passes) else passes + [BatchNormRewrite()]
+
+
+class _Backend:
+    """A torch.compile backend: Inductor, with BatchNormRewrite among its pre-grad passes
+    and `options` among its settings."""
+
+    def __init__(self, options):
+        self.options = dict(options)
+
+    def __call__(self, graph_module, example_inputs, mode=None, options=None):
+        # Inductor's own wrapper turns mode and options into settings, and checks them.
+        inductor = torch._TorchCompileInductorWrapper(mode, {**self.options, **(options or {})}, None)
+        passes = inductor.config.get("pre_grad_custom_pass", torch._inductor.config.pre_grad_custom_pass)
+        return inductor(graph_module, example_inputs,
+                        config_patches={"pre_grad_custom_pass": _with_rewrite(passes)})
+
+    def __eq__(self, other):
+        return isinstance(other, _Backend) and self.options == other.options
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.options)))
+
+
+def compile_backend(**options):
+    """A torch.compile backend: Inductor with our batch norms put in.  `options` are
+    Inductor's settings (what torch.compile(options=...) takes, e.g. freezing=True);
+    mode=, dynamic= and fullgraph= go to torch.compile as usual.
+
+        torch.compile(model, backend=batchnorm_ext.compile_backend(freezing=True))
+
+    torch.compile(model, backend="batchnorm_ext") is compile_backend() by name (the
+    package's torch_dynamo_backends entry point)."""
+    return _Backend(options)
+
+
+backend = compile_backend()
+backend.__name__ = "batchnorm_ext"
+
+
+def enable_compile_integration():
+    """Makes plain torch.compile(model) (Inductor) put our batch norms in, as the
+    batchnorm_ext backend does: adds BatchNormRewrite to Inductor's pre-grad custom
+    passes (a list: torch's setting takes one), after any already there.  Never done at
+    import.  Returns the pass; disable_compile_integration() takes it out again."""
+    config = torch._inductor.config
+    config.pre_grad_custom_pass = _with_rewrite(config.pre_grad_custom_pass)
+    return next(p for p in config.pre_grad_custom_pass if isinstance(p, BatchNormRewrite))
+
+
+def disable_compile_integration():
+    """Takes BatchNormRewrite out of Inductor's pre-grad custom passes."""
+    config = torch._inductor.config
+    passes = [p for p in get_custom_graph_passes(config.pre_grad_custom_pass)
+              if not isinstance(p, BatchNormRewrite)]
+    config.pre_grad_custom_pass = passes or None
