@@ -142,22 +142,26 @@ def variant_tables(rows, out):
     """Layers and networks: ms per step of each variant, speed-up over native eager."""
     for alloc in dict.fromkeys(r["allocator"] for r in rows):
         sel = [r for r in rows if r["allocator"] == alloc]
-        what = ("ms per training step (forward, loss, backward, SGD step)"
+        what = ("ms per training step (forward, loss, backward, SGD step; eval: per forward)"
                 if sel[0].get("kind") == "networks" else "ms per forward + backward")
         out.append(f"{what}, speed-up over native eager (native ms / this ms) in brackets, "
                    f"**{alloc} allocator**:\n")
-        out.append("| case | shape | layout | dtype | " + " | ".join(VARIANT_TITLES[v] for v in VARIANTS) + " |")
-        out.append("|---|---|---|---|" + "---|" * len(VARIANTS))
+        # networks: a training step, or the eval forward (then "eval" in the table)
+        modes = len({r["mode"] for r in sel}) > 1
+        out.append("| case | shape | layout | dtype | " + ("mode | " if modes else "")
+                   + " | ".join(VARIANT_TITLES[v] for v in VARIANTS) + " |")
+        out.append("|---|---|---|---|" + ("---|" if modes else "") + "---|" * len(VARIANTS))
         for r in sel:
             cells = []
             for v in VARIANTS:
                 t = r.get(f"{v}_ms")
                 cells.append("n/a" if t is None else f"{t:.1f}" if v == "native"
                              else f"{t:.1f} ({r['native_ms'] / t:.2f}x)")
-            out.append(f"| {r['case']} | {r['shape']} | {r['layout']} | {r['dtype']} | "
+            mode = (("eval" if r["mode"].startswith("eval") else "train") + " | ") if modes else ""
+            out.append(f"| {r['case']} | {r['shape']} | {r['layout']} | {r['dtype']} | {mode}"
                        + " | ".join(cells) + " |")
         for case in dict.fromkeys(r["case"] for r in sel):
-            picked = [r for r in sel if r["case"] == case]
+            picked = [r for r in sel if r["case"] == case and r["mode"] == sel[0]["mode"]]
             if len(picked) > 1:
                 parts = []
                 for v in VARIANTS[1:]:
