@@ -169,8 +169,10 @@ def variant_tables(rows, out):
                     if len(ratios) == len(picked):
                         parts.append(f"{VARIANT_TITLES[v]} {fmt(geomean(ratios))}")
                 if parts:
+                    rows_of = "shapes" if sel[0].get("kind") != "networks" else \
+                        ("training steps" if picked[0]["mode"].startswith("train") else "rows")
                     out.append(f"\n{case}, geometric mean of the speed-ups over native eager "
-                               f"({len(picked)} shapes): " + ", ".join(parts))
+                               f"({len(picked)} {rows_of}): " + ", ".join(parts))
         notes = dict.fromkeys(f"{VARIANT_TITLES[v]}: {why}" for r in sel
                               for v, why in r.get("notes", {}).items())
         for text in notes:
