@@ -21,10 +21,12 @@ sources, which hold the rewrite, the autograd formulas and the fake kernels, and
 compiled library, which holds the schemas) goes into the keys of Inductor's FX graph cache
 and of the AOTAutograd cache, so that neither serves a graph compiled through another
 version of the package.  (A converted model under plain torch.compile has no such salt:
-torch gives an operator library no way into those keys but a custom pass.)
+clear the cache after an upgrade, or set torch.compiler.config.cache_key_tag.)
 
 enable_compile_integration() installs the same pass for plain torch.compile(model).
 """
+import functools
+import operator
 import os
 
 import torch
@@ -37,15 +39,20 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import fused
 from ._ops import ops
 
-# The positional parameters of the batch-norm calls the pass recognizes.
+# The positional parameters of the batch-norm calls the pass recognizes: modules' (and
+# users') F.batch_norm, and ours (a converted model).  Not torch.batch_norm: F.batch_norm's
+# checks (one value per channel, eps > 0), which our operator makes, are not its own.
 _PARAMETERS = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training",
                    "momentum", "eps"),
-    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training",
-                       "momentum", "eps", "cudnn_enabled"),
     ops.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
                              "training", "momentum", "eps", "num_batches_tracked"),
 }
+_OPERANDS = ("input", "weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul, operator.setitem}
 _DEFAULTS = {"running_mean": None, "running_var": None, "weight": None, "bias": None,
              "training": False, "momentum": 0.1, "eps": 1e-5, "num_batches_tracked": None}
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -56,13 +63,20 @@ def _value(node):
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
 
 
-def _batch_norm_call(node):
-    """The arguments of a batch-norm call node (by name), if it normalizes a CPU tensor
-    with batch statistics and the pass may replace it; else None."""
+def _batch_norm_arguments(node):
+    """The arguments of a batch-norm call node, by name (None if they do not fit)."""
     parameters = _PARAMETERS.get(node.target) if node.op == "call_function" else None
     if parameters is None or len(node.args) > len(parameters) or not set(node.kwargs) <= set(parameters):
         return None
-    args = {**_DEFAULTS, **dict(zip(parameters, node.args)), **node.kwargs}
+    return {**_DEFAULTS, **dict(zip(parameters, node.args)), **node.kwargs}
+
+
+def _batch_norm_call(node):
+    """The arguments of a batch-norm call node (by name), if it normalizes a CPU tensor
+    with batch statistics and the pass may replace it; else None."""
+    args = _batch_norm_arguments(node)
+    if args is None:
+        return None
     # Constants Dynamo specialized on: batch statistics, a known momentum (momentum=None in a
     # module is a cumulative average that Dynamo computes from the counter: left to torch).
     if args["training"] is not True or not isinstance(args["eps"], float) or \
@@ -90,12 +104,57 @@ def _same_tensor_kind(a, b):
             all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
 
 
+def _written(node):
+    """The graph nodes whose tensors `node` may write into; None if it cannot tell (it
+    may write anywhere)."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return []
+    if node.op == "call_module":
+        return None
+    target, first = node.target, node.args[:1]
+    if node.op == "call_method":
+        return list(first) if target.endswith("_") and not target.endswith("__") else []
+    if target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or \
+            getattr(target, "__name__", "").endswith("_"):
+        return list(first)
+    if target in _PARAMETERS:  # a batch norm in training updates its running statistics
+        args = _batch_norm_arguments(node)
+        return None if args is None else [] if args["training"] is False else \
+            [args["running_mean"], args["running_var"], args["num_batches_tracked"]]
+    if isinstance(target, torch._ops.OpOverload):
+        return None if target._schema.is_mutable else []
+    return []
+
+
+def _moves_safely(node, fusion, operands):
+    """Whether the batch norm `node` may run where the last node of `fusion` is (the fused
+    call takes its place): no node in between writes into what it reads (its operands, the
+    residual) or reads its running statistics before their update, and none writes into a
+    tensor that is not a graph input (which may be a view of one of those)."""
+    inputs = [n for n in operands if isinstance(n, torch.fx.Node)] + [fusion.residual]
+    statistics = [operands[3], operands[4]]
+    chain = set(fusion.nodes)
+    between = node.next
+    while between is not fusion.nodes[-1]:
+        if between not in chain:
+            written = _written(between)
+            if written is None or any(isinstance(w, torch.fx.Node) and
+                                      (w in inputs or w.op not in ("placeholder", "get_attr"))
+                                      for w in written):
+                return False
+            if any(s in between.all_input_nodes for s in statistics if s is not None):
+                return False
+        between = between.next
+    return True
+
+
 def rewrite(graph):
     """Replaces, in a Dynamo graph, the batch norms that use batch statistics by our
     operators, fused with what follows them (see the module's documentation); returns
     the number of batch norms replaced.  Each one is counted by what it became in
     torch._dynamo.utils.counters["batchnorm_ext"] ("batch_norm", "batch_norm+relu",
-    "batch_norm+add+silu", ...)."""
+    "batch_norm+add+silu", ...), when it runs: a graph served from Inductor's caches is
+    not rewritten again (nor counted)."""
     root = graph.owning_module
     replaced = 0
     for node in list(graph.nodes):
@@ -106,11 +165,13 @@ def rewrite(graph):
         if fusion is not None and fusion.residual is not None and \
                 not _same_tensor_kind(_value(fusion.residual), _value(args["input"])):
             fusion = None  # a residual that broadcasts or converts: the add stays torch's
-        if fusion is None and node.target is ops.batch_norm.default:
-            continue  # ours already (a converted model), with nothing to fuse
         operands = (args["input"], args["weight"], args["bias"], args["running_mean"],
                     args["running_var"], True, args["momentum"], args["eps"],
                     args["num_batches_tracked"])
+        if fusion is not None and not _moves_safely(node, fusion, operands):
+            fusion = None  # e.g. the same module's batch norm called again in between
+        if fusion is None and node.target is ops.batch_norm.default:
+            continue  # ours already (a converted model), with nothing to fuse
         last = fusion.nodes[-1] if fusion is not None else node
         with graph.inserting_before(last):
             if fusion is None:
@@ -132,6 +193,7 @@ def rewrite(graph):
     return replaced
 
 
+@functools.lru_cache(1)
 def _sources_hash():
     """A hash of the package's Python sources and of its compiled library (whose schemas
     and their tags, such as flexible_layout, Inductor reads and its caches do not see)."""

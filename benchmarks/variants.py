@@ -10,7 +10,7 @@
                    fused operators put in by the backend's rewrite
   fused_compiled   batchnorm_ext.fuse(model), then torch.compile
 
-In eval (--networks-eval), every compiled variant compiles with Inductor's freezing.
+In eval (--networks --modes eval), every compiled variant compiles with Inductor's freezing.
 (benchmarks/summary.py reports them.)
 """
 import torch

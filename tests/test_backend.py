@@ -103,9 +103,10 @@ REWRITES = {
         lambda: Block(lambda s, x, y: F.relu(F.batch_norm(y, None, None, weight=s.bn.weight,
                                                           training=True, eps=1e-3))),
         {"batch_norm": 1, "batch_norm+relu": 1}),
+    # not F.batch_norm's checks: left to torch
     "torch.batch_norm": (
         lambda: Block(lambda s, x, y: torch.batch_norm(y, None, None, None, None, True, 0.1, 1e-5, False)),
-        {"batch_norm": 2}),
+        {"batch_norm": 1}),
     # not fused, or not ours:
     "bn output used twice": (lambda: Block(lambda s, x, y: F.relu(y) + y), {"batch_norm": 1}),
     "identity += out (writes into the other tensor)": (
@@ -114,6 +115,17 @@ REWRITES = {
         lambda: Block(lambda s, x, y: F.relu(y + s.shift), shift=nn.Parameter(torch.randn(4, 1, 1))),
         {"batch_norm": 1}),
     "GELU": (lambda: Block(lambda s, x, y: F.gelu(y)), {"batch_norm": 1}),
+    # the fused call runs where the activation was: not past what changes the batch norm's
+    # operands or reads its running statistics
+    "the same batch norm again before the activation": (
+        lambda: Block(lambda s, x, y: (lambda z: F.relu(y) + z)(s.bn(x))),
+        {"batch_norm": 1, "batch_norm+add": 1}),  # (the second: + relu(y), nothing crossed)
+    "running statistics read before the activation": (
+        lambda: Block(lambda s, x, y: (lambda m: F.relu(y) + m)(s.bn.running_mean.view(1, -1, 1, 1) * 1)),
+        {"batch_norm": 1}),
+    "residual written in place between the add and the activation": (
+        lambda: Block(lambda s, x, y: (lambda r: (lambda z, _: F.relu(z))(y + r, r.mul_(2)))(x * 1)),
+        {"batch_norm": 1}),
     # the factor 1 / num_batches_tracked is no constant of the graph (Dynamo cannot trace it
     # with fullgraph=True, for native either): left to torch
     "momentum=None": (lambda: Block(lambda s, x, y: y, bn=nn.BatchNorm2d(4, momentum=None)), {}),
@@ -357,6 +369,28 @@ print(dict(counters["batchnorm_ext"]), (y - model(x)).abs().max().item())
     kinds, difference = result.stdout.rsplit("}", 1)
     assert kinds + "}" == "{'batch_norm+relu': 1}"
     assert float(difference) < 1e-5
+
+
+def test_enable_compile_integration_alone_is_cached_and_salted(monkeypatch):
+    """The pass alone (with its uuid): Inductor runs it after the cache lookup, so a second
+    compilation is served from the caches, and another version of the package is not."""
+    from torch._inductor import config
+    model = small_model()
+    x = torch.randn(4, 4, 5, 5)
+
+    def compile_and_step():
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(copy.deepcopy(model))(x).sum().backward()
+        return rewritten(), counters["aot_autograd"]["autograd_cache_hit"]
+
+    with config.patch(pre_grad_custom_pass=None):
+        batchnorm_ext.enable_compile_integration()
+        assert compile_and_step() == (SMALL_KINDS, 0)
+        assert compile_and_step() == ({}, 1)
+        monkeypatch.setattr(_backend, "_sources_hash", lambda: "another version of the sources")
+        assert compile_and_step() == (SMALL_KINDS, 0)
+    assert config.pre_grad_custom_pass is None
 
 
 def test_enable_compile_integration():
