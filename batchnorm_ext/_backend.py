@@ -11,7 +11,9 @@ training-mode module) becomes our operator; a ReLU or SiLU after it, or an add o
 residual and then the activation, go into the same call (batch_norm_act), found by the
 matchers of batchnorm_ext.fuse.  Batch norms that normalize with running statistics
 (eval) stay native: Inductor fuses them as pointwise ops, or, with freezing, folds them
-into the convolution before them.  Everything else is Inductor's.
+into the convolution before them.  So do batch norms followed by an activation our
+kernels do not apply (Hardswish, GELU, ...), which Inductor fuses with the normalization.
+Everything else is Inductor's.
 
 Inductor cannot fuse anything into an operator it does not generate (an extern kernel), so
 the fusion has to be ours, made before Inductor sees the graph.
@@ -48,6 +50,13 @@ _PARAMETERS = {
     ops.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
                              "training", "momentum", "eps", "num_batches_tracked"),
 }
+# Activations our kernels do not apply: a batch norm followed by one of them stays native,
+# so that Inductor generates the normalization and the activation as one loop (ours would
+# be an opaque call, then a pass of Inductor's for the activation).
+_LEFT_TO_INDUCTOR = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.gelu: "gelu",
+                     F.relu6: "relu6", F.leaky_relu: "leaky_relu", F.elu: "elu", F.mish: "mish",
+                     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+                     F.tanh: "tanh"}
 _OPERANDS = ("input", "weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
@@ -153,7 +162,7 @@ def rewrite(graph):
     operators, fused with what follows them (see the module's documentation); returns
     the number of batch norms replaced.  Each one is counted by what it became in
     torch._dynamo.utils.counters["batchnorm_ext"] ("batch_norm", "batch_norm+relu",
-    "batch_norm+add+silu", ...), when it runs: a graph served from Inductor's caches is
+    "batch_norm+add+silu", ...; "native+hardswish" for one left to Inductor), when it runs: a graph served from Inductor's caches is
     not rewritten again (nor counted)."""
     root = graph.owning_module
     replaced = 0
@@ -172,6 +181,11 @@ def rewrite(graph):
             fusion = None  # e.g. the same module's batch norm called again in between
         if fusion is None and node.target is ops.batch_norm.default:
             continue  # ours already (a converted model), with nothing to fuse
+        user = fused._single_user(node)
+        if fusion is None and user is not None and user.op == "call_function" and \
+                user.target in _LEFT_TO_INDUCTOR:
+            counters["batchnorm_ext"]["native+" + _LEFT_TO_INDUCTOR[user.target]] += 1
+            continue
         last = fusion.nodes[-1] if fusion is not None else node
         with graph.inserting_before(last):
             if fusion is None:
