@@ -57,7 +57,6 @@ _LEFT_TO_INDUCTOR = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.g
                      F.relu6: "relu6", F.leaky_relu: "leaky_relu", F.elu: "elu", F.mish: "mish",
                      torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
                      F.tanh: "tanh"}
-_OPERANDS = ("input", "weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
                       operator.ior, operator.ixor, operator.ilshift, operator.irshift,
@@ -162,8 +161,8 @@ def rewrite(graph):
     operators, fused with what follows them (see the module's documentation); returns
     the number of batch norms replaced.  Each one is counted by what it became in
     torch._dynamo.utils.counters["batchnorm_ext"] ("batch_norm", "batch_norm+relu",
-    "batch_norm+add+silu", ...; "native+hardswish" for one left to Inductor), when it runs: a graph served from Inductor's caches is
-    not rewritten again (nor counted)."""
+    "batch_norm+add+silu", ...; "native+hardswish" for one left to Inductor), when the pass
+    runs: a graph served from Inductor's caches is not rewritten again (nor counted)."""
     root = graph.owning_module
     replaced = 0
     for node in list(graph.nodes):

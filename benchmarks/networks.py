@@ -17,7 +17,7 @@ import batchnorm_ext
 from harness import (check_variant, fuse_missing, interleaved, note, parse_shape, progress,
                      relative_error)
 from layers import torchvision
-from variants import COMPILED, VARIANTS, compile_module, compile_with_backend
+from variants import COMPILED, VARIANTS, prepare
 
 NETWORKS = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]
 MODES = ["train", "eval"]
@@ -50,27 +50,14 @@ class NetworkCase:
         self.notes = {}
         self.modules = {"native": native}
         self.callables = {"native": native}
-        freezing = mode == "eval"
-        for variant, prepare, compiler in [
-                ("native_compiled", None, compile_module),
-                ("ours", batchnorm_ext.convert_model, None),
-                ("ours_fused", self.fused, None),
-                ("ours_compiled", batchnorm_ext.convert_model, compile_module),
-                ("native_backend", None, compile_with_backend),
-                ("fused_compiled", self.fused, compile_module)]:
-            if prepare is self.fused and fuse_missing(batchnorm_ext):
+        for variant in VARIANTS[1:]:
+            if variant in ("ours_fused", "fused_compiled") and fuse_missing(batchnorm_ext):
                 self.notes[variant] = fuse_missing(batchnorm_ext)
                 continue
-            module = copy.deepcopy(native)
-            module = prepare(module) if prepare else module
-            self.modules[variant] = module
-            self.callables[variant] = compiler(module, freezing=freezing) if compiler else module
+            self.modules[variant], self.callables[variant] = prepare(
+                variant, copy.deepcopy(native), freezing=mode == "eval")
         self.optimizers = {v: torch.optim.SGD(m.parameters(), lr=lr)
                            for v, m in self.modules.items()}
-
-    @staticmethod
-    def fused(model):
-        return batchnorm_ext.fuse(batchnorm_ext.convert_model(model))
 
     def loss_and_grads(self, variant, model=None, x=None, autocast=None):
         """One forward + backward from the current weights, no optimizer step."""

@@ -16,9 +16,8 @@ import copy
 
 import torch
 
-import batchnorm_ext
 from layers import torchvision
-from variants import VARIANTS, compile_module, compile_with_backend
+from variants import VARIANTS, prepare
 
 ELEMENTWISE = ("relu", "threshold_backward", "add", "clamp_min", "silu", "hardswish", "sigmoid",
                "mul")
@@ -37,18 +36,6 @@ def group(name):
     if any(part in ELEMENTWISE for part in operator.strip("_").split("_")):
         return "activation, add"
     return "other"
-
-
-def prepare(variant, model):
-    if variant in ("ours", "ours_compiled"):
-        model = batchnorm_ext.convert_model(model)
-    if variant in ("ours_fused", "fused_compiled"):
-        model = batchnorm_ext.fuse(batchnorm_ext.convert_model(model))
-    if variant in ("native_compiled", "ours_compiled", "fused_compiled"):
-        return model, compile_module(model)
-    if variant == "native_backend":
-        return model, compile_with_backend(model)
-    return model, model
 
 
 def main():

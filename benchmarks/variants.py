@@ -32,3 +32,19 @@ def compile_with_backend(module, freezing=False):
     import batchnorm_ext
     backend = batchnorm_ext.compile_backend(**({"freezing": True} if freezing else {}))
     return torch.compile(module, dynamic=False, backend=backend)
+
+
+def prepare(variant, model, freezing=False):
+    """(module, callable) of `variant` for a whole model (its own copy of `model`'s state is
+    the caller's business): converted, fused and/or compiled as the variant says.  Single
+    layers' "ours_fused" is the fused functional instead (layers.py)."""
+    import batchnorm_ext
+    if variant in ("ours", "ours_compiled"):
+        model = batchnorm_ext.convert_model(model)
+    elif variant in ("ours_fused", "fused_compiled"):
+        model = batchnorm_ext.fuse(batchnorm_ext.convert_model(model))
+    if variant in ("native_compiled", "ours_compiled", "fused_compiled"):
+        return model, compile_module(model, freezing)
+    if variant == "native_backend":
+        return model, compile_with_backend(model, freezing)
+    return model, model
