@@ -110,37 +110,40 @@ void forward_typed(const ForwardArgs& args) {
       return;
     }
     if (y == nullptr) return;
-    // The epilogue is chosen once, outside the loops (blocks can be short: a 7x7 plane).
+    // The epilogue, training or eval and streaming or not are chosen once, outside the
+    // loops: blocks can be short (a 7x7 plane is 4 vectors, which a branch or two per
+    // plane slows by a third).
     with_output_epilogue([&](auto e, auto epilogue) {
       using E = decltype(e);
-      auto normalize = [&](int64_t c, const Block& block) {
-        const acc_t m = mean[c], s = scale[c], t = shift[c];
-        block.for_each_run([&](int64_t offset, int64_t len) {
-          auto write = [&](auto f) {
-            if constexpr (E::kResidual) {
-              map_run(stream, y + offset, len, f, x + offset, residual + offset);
-            } else {
-              map_run(stream, y + offset, len, f, x + offset);
-            }
+      with_bool(args.training, [&](auto training) {
+        with_bool(stream, [&](auto streaming) {
+          auto normalize = [&](int64_t c, const Block& block) {
+            const acc_t m = mean[c], s = scale[c], t = shift[c];
+            auto f = [=](auto v, auto... r) {
+              using V = decltype(v);
+              if constexpr (decltype(training)::value) {
+                return epilogue(centered(v, V(m), V(s), V(t)), r...);
+              } else {
+                return epilogue(affine(v, V(s), V(t)), r...);
+              }
+            };
+            block.for_each_run([&](int64_t offset, int64_t len) {
+              if constexpr (E::kResidual) {
+                map_run<decltype(streaming)::value>(y + offset, len, f, x + offset, residual + offset);
+              } else {
+                map_run<decltype(streaming)::value>(y + offset, len, f, x + offset);
+              }
+            });
           };
-          if (args.training) {
-            write([=](auto v, auto... r) {
-              using V = decltype(v);
-              return epilogue(centered(v, V(m), V(s), V(t)), r...);
-            });
-          } else {
-            write([=](auto v, auto... r) {
-              using V = decltype(v);
-              return epilogue(affine(v, V(s), V(t)), r...);
-            });
+          if constexpr (decltype(training)::value) {
+            if (!given && !plane_order) {
+              channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
+              return;
+            }
           }
+          channels_first_apply(blocks, normalize);
         });
-      };
-      if (args.training && !given && !plane_order) {
-        channels_first_reduce_apply<Moments>(blocks, moments, finish, normalize);
-      } else {
-        channels_first_apply(blocks, normalize);
-      }
+      });
     });
     return;
   }
