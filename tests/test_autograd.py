@@ -164,3 +164,61 @@ def test_forward_with_nothing_to_record_matches_the_recorded_one(training, conte
     for a, b in [(alone, recorded), (mean_a, mean_r), (var_a, var_r)]:
         assert torch.equal(a, b.detach())
     assert alone.stride() == recorded.stride()
+
+
+def native_fused(x, mean, var, w, b, training, activation, residual):
+    """F.batch_norm + residual + activation, as the fused call computes them."""
+    y = F.batch_norm(x, mean, var, w, b, training=training)
+    y = y if residual is None else y + residual
+    return {"relu": torch.relu, "silu": F.silu, None: lambda t: t}[activation](y)
+
+
+def ours_fused(x, mean, var, w, b, training, activation, residual):
+    return batchnorm_ext.batch_norm(x, mean, var, w, b, training=training, residual=residual,
+                                    activation=activation)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation,residual", [(None, False), ("relu", False), ("relu", True),
+                                                 ("silu", True)], ids=str)
+def test_eager_nodes_behave_as_natives(activation, residual, training):
+    """The C++ nodes of the eager fast path (csrc/autograd.cpp BatchNormBackward,
+    BatchNormActBackward) as native's generated ones: no reference cycle (relu's node saves
+    its own output), a second backward without retain_graph refused, a saved output changed
+    in place refused, saved-tensor hooks applied, and the same gradients."""
+    x0 = torch.randn(4, 3, 5, 5, requires_grad=True)
+    w, b = torch.rand(3).add_(0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, requires_grad=True) if residual else None
+    stats = lambda: (torch.randn(3).mul_(0.1), torch.rand(3).add_(0.5))  # noqa: E731
+    for fn in (ours_fused, native_fused):
+        # freed with the last reference: the output's storage and the input saved for backward
+        x = x0 * 1
+        y = fn(x, *stats(), w, b, training, activation, r)
+        output_ref, input_ref = y.untyped_storage()._weak_ref(), x.untyped_storage()._weak_ref()
+        del x, y
+        assert torch.UntypedStorage._expired(output_ref) and torch.UntypedStorage._expired(input_ref)
+        # a second backward through freed buffers, and one after an in-place change
+        y = fn(x0, *stats(), w, b, training, activation, r)
+        y.sum().backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.sum().backward()
+        if activation == "relu":  # both save the output (relu's mask)
+            y = fn(x0, *stats(), w, b, training, activation, r)
+            y.add_(1)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+        # saved-tensor hooks see every tensor saved: each unpacked from its packed form
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or len(packed) - 1,
+                                                      lambda i: packed[i]):
+            y = fn(x0, *stats(), w, b, training, activation, r)
+        assert any(t is x0 for t in packed), fn.__name__
+    # and the gradients, one fresh graph each
+    grads = []
+    for fn in (ours_fused, native_fused):
+        torch.manual_seed(0)
+        inputs = [t for t in (x0, w, b, r) if t is not None]
+        out = fn(x0, *stats(), w, b, training, activation, r)
+        grads.append(torch.autograd.grad(out, inputs, torch.randn_like(out)))
+    for o, n in zip(*grads):
+        assert_close(o, n)

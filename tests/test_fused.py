@@ -203,8 +203,8 @@ def _compare_with_native(case, ours, native):
 
 
 def _took_fused_path(output):
-    """Whether the fused operator made output (the eager fast path's C++ Function)."""
-    return "BatchNormActFunction" in output.grad_fn.name()
+    """Whether the fused operator made output (the eager fast path's C++ node)."""
+    return output.grad_fn.name() == "BatchNormActBackward (batchnorm_ext)"
 
 
 @pytest.fixture
@@ -312,7 +312,7 @@ def test_functional_every_combination_of_arguments(one_thread):
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "differs from native on purpose (README, Differences; csrc/autograd.cpp BatchNormActFunction and batchnorm_ext/_autograd.py "
+    "differs from native on purpose (README, Differences; csrc/autograd.cpp BatchNormActBackward and batchnorm_ext/_autograd.py "
     "_BatchNormActFunction save the residual for SiLU's backward, to recompute its input): a "
     "residual modified in place after the forward (allowed by native, whose silu saves the "
     "sum, not the residual) makes ours' backward raise 'one of the variables needed for "
