@@ -108,8 +108,8 @@ bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
 
 // Whether batch_norm_forward must go through the dispatcher to its Python Autograd kernel:
 // a functorch transform is active (vmap and grad layers dispatch from this TLS key; the C++
-// autograd::Function refuses them), or the input, weight or bias has a forward-mode tangent
-// (the C++ Function has no jvp).
+// nodes cannot take part in them), or the input, weight or bias has a forward-mode tangent
+// (the C++ nodes have no jvp).
 bool needs_python_autograd(const Tensor& input, const optional<Tensor>& weight,
                            const optional<Tensor>& bias) {
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
@@ -137,8 +137,8 @@ bool records_nothing(const Tensor& input,
   return true;
 }
 
-// A running statistic without its tangent, if it has one: native ignores those, and the C++
-// Function, which has no jvp, would refuse it.
+// A running statistic without its tangent, if it has one: native ignores those (and the C++
+// nodes have no jvp).
 optional<Tensor> without_tangent(const optional<Tensor>& t) {
   return given(t) && has_tangent(*t) ? optional<Tensor>(t->_fw_primal(/*level=*/0)) : t;
 }
