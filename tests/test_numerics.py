@@ -85,8 +85,12 @@ def test_every_kernel_build(capability, shape, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# Channels-last with 40 and 80 channels: periods of an odd number of vectors (AVX2's 8 floats,
+# the 16 of AVX-512 in bfloat16), whose last vector is streamed alone, after the whole lines
 @pytest.mark.parametrize("shape,layout", [((4, 3, 1001, 1003), "contiguous"),
                                           ((4, 64, 181, 181), "channels_last"),
+                                          ((4, 40, 160, 170), "channels_last"),
+                                          ((2, 80, 160, 170), "channels_last"),
                                           ((8, 3, 701, 1001), "channels_last")], ids=str)
 def test_outputs_beyond_the_cache(shape, layout, dtype):
     """Outputs of 16 MiB and more are written with streaming stores (past the cache), from
