@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <sstream>
 #include <string>
 
@@ -169,7 +170,9 @@ struct BatchNormBackward : public torch::autograd::Node {
 
   std::string name() const override { return "BatchNormBackward (batchnorm_ext)"; }
 
+  // Under the node's mutex, as torch's nodes do: backward can run on several threads.
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     for (auto* saved : {&input, &weight, &running_mean, &running_var, &save_mean, &save_var}) {
       saved->reset_data();
     }
@@ -177,6 +180,7 @@ struct BatchNormBackward : public torch::autograd::Node {
 
   // The edges are input, weight and bias, an empty edge for one not given.
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return variable_list(3);
     const std::array<bool, 3> mask = {should_compute_output(0),
@@ -205,6 +209,12 @@ c10::ScalarType param_dtype_of(const Tensor& input,
 ForwardResult forward_with_node(const Tensor& input, const optional<Tensor>& weight,
                                 const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                 const optional<Tensor>& running_var, bool training, double eps) {
+  // Nothing to record (grad mode off, or nothing requires grad: reached with a dual level
+  // open, records_nothing being conservative there): no node, as torch's code does.
+  if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
+  }
   auto node = c10::make_intrusive<BatchNormBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
   Tensor output, save_mean, save_var;
@@ -249,6 +259,7 @@ struct BatchNormActBackward : public torch::autograd::Node {
   std::string name() const override { return "BatchNormActBackward (batchnorm_ext)"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     for (auto* saved : {&input, &weight, &bias, &running_mean, &running_var, &save_mean,
                         &save_var, &output, &residual}) {
       saved->reset_data();
@@ -257,6 +268,7 @@ struct BatchNormActBackward : public torch::autograd::Node {
 
   // The edges are input, weight, bias and residual, an empty edge for one not given.
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return variable_list(4);
     const std::array<bool, 4> mask = {should_compute_output(0),
@@ -280,6 +292,11 @@ ForwardResult act_forward_with_node(const Tensor& input, const optional<Tensor>&
                                     const optional<Tensor>& running_var, bool training, double eps,
                                     const optional<Tensor>& residual,
                                     c10::string_view activation) {
+  if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {  // as above
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return act_forward_op().call(input, weight, bias, running_mean, running_var, training, eps,
+                                 residual, activation);
+  }
   auto node = c10::make_intrusive<BatchNormActBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
   Tensor output, save_mean, save_var;

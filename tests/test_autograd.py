@@ -222,3 +222,23 @@ def test_eager_nodes_behave_as_natives(activation, residual, training):
         grads.append(torch.autograd.grad(out, inputs, torch.randn_like(out)))
     for o, n in zip(*grads):
         assert_close(o, n)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("context", ["no_grad", "nothing requires grad"])
+def test_dual_level_with_nothing_to_record_records_nothing(context, fused):
+    """A dual level open, but no gradient to record (no_grad, or nothing requiring grad) and
+    no tangent on the input or parameters: as native, the output gets no grad_fn (the eager
+    fast path then runs the forward alone, not its node)."""
+    x = torch.randn(4, 3, 5, 5)
+    requires = context != "nothing requires grad"
+    w, b = torch.rand(3).add_(0.5).requires_grad_(requires), torch.randn(3).requires_grad_(requires)
+    ctx = torch.no_grad() if context == "no_grad" else torch.enable_grad()
+    outputs = []
+    with fwAD.dual_level(), ctx:
+        mean = fwAD.make_dual(torch.zeros(3), torch.ones(3))  # a tangent on a running statistic
+        for fn in (ours_fused, native_fused):
+            y = fn(x, mean, torch.ones(3), w, b, False, "relu" if fused else None, None)
+            assert y.grad_fn is None and not y.requires_grad, fn.__name__
+            outputs.append(fwAD.unpack_dual(y).primal)
+    assert_close(*outputs)
