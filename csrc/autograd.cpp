@@ -124,12 +124,12 @@ bool needs_python_autograd(const Tensor& input, const optional<Tensor>& weight,
 }
 
 // Whether autograd has nothing to record: grad mode off (torch.no_grad, inference), or
-// no input that is differentiated requires grad, and no forward-mode level open.  Then the
-// forward runs alone, without the autograd Function's node and saved tensors, which cost
-// more than the kernel of a small call.
+// no input that is differentiated requires grad.  (Tangents on those inputs were sent to the
+// Python kernel before; one on a running statistic is ignored, as native does.)  Then the
+// forward runs alone, without the node and saved tensors, which cost more than the kernel
+// of a small call.
 bool records_nothing(const Tensor& input,
                      std::initializer_list<const optional<Tensor>*> differentiated) {
-  if (dual_level_open()) return false;
   if (!at::GradMode::is_enabled()) return true;
   if (input.requires_grad()) return false;
   for (const optional<Tensor>* t : differentiated) {
@@ -209,12 +209,6 @@ c10::ScalarType param_dtype_of(const Tensor& input,
 ForwardResult forward_with_node(const Tensor& input, const optional<Tensor>& weight,
                                 const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                 const optional<Tensor>& running_var, bool training, double eps) {
-  // Nothing to record (grad mode off, or nothing requires grad: reached with a dual level
-  // open, records_nothing being conservative there): no node, as torch's code does.
-  if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return forward_op().call(input, weight, bias, running_mean, running_var, training, eps);
-  }
   auto node = c10::make_intrusive<BatchNormBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
   Tensor output, save_mean, save_var;
@@ -292,11 +286,6 @@ ForwardResult act_forward_with_node(const Tensor& input, const optional<Tensor>&
                                     const optional<Tensor>& running_var, bool training, double eps,
                                     const optional<Tensor>& residual,
                                     c10::string_view activation) {
-  if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {  // as above
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return act_forward_op().call(input, weight, bias, running_mean, running_var, training, eps,
-                                 residual, activation);
-  }
   auto node = c10::make_intrusive<BatchNormActBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
   Tensor output, save_mean, save_var;
