@@ -21,6 +21,7 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,6 +32,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
 
 namespace batchnorm_ext {
 
@@ -156,6 +158,45 @@ void check_not_requiring_grad(const optional<Tensor>& running_mean,
   }
 }
 
+// Compiled autograd (torch._dynamo.compiled_autograd: torch.compile of a backward whose
+// forward ran eagerly) does not call a node's apply().  It asks the node what its backward
+// depends on (compiled_args: the saved tensors become inputs of its graph, the values are
+// specialized on) and has it record its backward in the graph as one call of a function of
+// the gradients and that state (apply_with_saved), which it then traces through the
+// operators' fake kernels.  torch's generated nodes do the same.
+namespace compiled_autograd = torch::dynamo::autograd;
+
+// Gives compiled autograd `backward(grads, state...)` under `name` (a Python identifier:
+// it becomes an attribute of torch._dynamo.compiled_autograd.ops).  Once per process.
+template <typename... State>
+std::string bind_backward(compiled_autograd::SwapSavedVariables& saved, const char* name,
+                          variable_list (*backward)(const variable_list&, State...)) {
+  auto unpack_and_call = [backward](const variable_list& grads,
+                                    const std::vector<c10::IValue>& packed) {
+    compiled_autograd::PackedArgs args(packed);
+    // Braces unpack in order, as call_backward packed.
+    std::tuple<std::decay_t<State>...> state{args.unpack<std::decay_t<State>>()...};
+    return std::apply([&](const auto&... s) { return backward(grads, s...); }, state);
+  };
+  return compiled_autograd::getPyCompilerInterface()->bind_function(
+      saved.get_py_compiler(), name, unpack_and_call,
+      {compiled_autograd::IValuePacker<std::decay_t<State>>::packed_type()...});
+}
+
+// Records a call of the backward bound as `bound` in compiled autograd's graph.
+template <typename... State>
+variable_list call_backward(compiled_autograd::SwapSavedVariables& saved, const std::string& bound,
+                            const variable_list& grads, const torch::autograd::edge_list& edges,
+                            const State&... state) {
+  compiled_autograd::PackedArgs args;
+  (args.pack(state), ...);
+  const auto output_metadata =
+      compiled_autograd::IValuePacker<std::vector<optional<torch::autograd::InputMetadata>>>::pack(
+          compiled_autograd::get_input_metadata(edges));
+  return compiled_autograd::getPyCompilerInterface()->call_function(
+      saved.get_py_compiler(), "apply_functional", bound, grads, args.vec(), output_metadata);
+}
+
 // batch_norm_forward's autograd node on the eager fast path (the composite batch_norm with
 // no transform and no tangent), written as torch writes its own (NativeBatchNormBackward0):
 // the saved tensors and values are members.  A torch::autograd::Function would do the same
@@ -170,27 +211,75 @@ struct BatchNormBackward : public torch::autograd::Node {
 
   std::string name() const override { return "BatchNormBackward (batchnorm_ext)"; }
 
+  // The saved tensors, each with whether it is an output of the forward.
+  template <typename Self>  // BatchNormBackward, const or not
+  static auto saved_list(Self& self) {
+    return std::array{std::pair{&self.input, false},        std::pair{&self.weight, false},
+                      std::pair{&self.running_mean, false}, std::pair{&self.running_var, false},
+                      std::pair{&self.save_mean, true},     std::pair{&self.save_var, true}};
+  }
+
   // Under the node's mutex, as torch's nodes do: backward can run on several threads.
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* saved : {&input, &weight, &running_mean, &running_var, &save_mean, &save_var}) {
-      saved->reset_data();
-    }
+    for (auto [saved, is_output] : saved_list(*this)) saved->reset_data();
   }
 
-  // The edges are input, weight and bias, an empty edge for one not given.
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  // The backward, from the gradients and the node's state (below).  The edges are input,
+  // weight and bias, an empty edge for one not given.
+  static variable_list backward(const variable_list& grads, std::array<bool, 3> mask,
+                                const Tensor& input, const optional<Tensor>& weight,
+                                const optional<Tensor>& running_mean,
+                                const optional<Tensor>& running_var, const Tensor& save_mean,
+                                const Tensor& save_var, bool training, double eps,
+                                optional<c10::ScalarType> param_dtype) {
     const Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return variable_list(3);
-    const std::array<bool, 3> mask = {should_compute_output(0),
-                                      has_weight && should_compute_output(1),
-                                      has_bias && should_compute_output(2)};
-    auto [grad_input, grad_weight, grad_bias] = backward_op().call(
-        grad_output, input.unpack(), or_none(weight.unpack()), or_none(running_mean.unpack()),
-        or_none(running_var.unpack()), save_mean.unpack(getptr()),
-        save_var.unpack(getptr()), training, eps, mask, param_dtype);
+    auto [grad_input, grad_weight, grad_bias] =
+        backward_op().call(grad_output, input, weight, running_mean, running_var, save_mean,
+                           save_var, training, eps, mask, param_dtype);
     return {grad_input, grad_weight, grad_bias};
+  }
+
+  // The backward's state: the gradients wanted (an edge may be empty, or not wanted by
+  // autograd.grad), the saved tensors unpacked, the values.
+  auto state() {
+    const std::array<bool, 3> mask = {task_should_compute_output(0),
+                                      has_weight && task_should_compute_output(1),
+                                      has_bias && task_should_compute_output(2)};
+    return std::make_tuple(mask, input.unpack(), or_none(weight.unpack()),
+                           or_none(running_mean.unpack()), or_none(running_var.unpack()),
+                           save_mean.unpack(getptr()), save_var.unpack(getptr()), training, eps,
+                           optional<c10::ScalarType>(param_dtype));
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::apply([&](const auto&... s) { return backward(grads, s...); }, state());
+  }
+
+  // Compiled autograd (see bind_backward): the saved tensors and every value state() reads.
+  void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
+    for (auto [saved, is_output] : saved_list(*this)) args.collect(*saved, is_output);
+    args.collect(training);
+    args.collect(has_weight);
+    args.collect(has_bias);
+    args.collect(eps);
+    args.collect(param_dtype);
+    for (size_t i = 0; i < 3; ++i) args.collect(task_should_compute_output(i));
+  }
+
+  // The saved tensors swapped for the graph's, the backward recorded in it.
+  variable_list apply_with_saved(const variable_list& grads,
+                                 compiled_autograd::SwapSavedVariables& saved) override {
+    for (auto [variable, is_output] : saved_list(*this)) saved.before(*variable);
+    static const std::string bound =
+        bind_backward(saved, "batchnorm_ext_BatchNormBackward", &backward);
+    variable_list result = std::apply(
+        [&](const auto&... s) { return call_backward(saved, bound, grads, next_edges(), s...); },
+        state());
+    for (auto [variable, is_output] : saved_list(*this)) saved.after(*variable);
+    return result;
   }
 };
 
@@ -252,29 +341,78 @@ struct BatchNormActBackward : public torch::autograd::Node {
 
   std::string name() const override { return "BatchNormActBackward (batchnorm_ext)"; }
 
+  template <typename Self>
+  static auto saved_list(Self& self) {
+    return std::array{std::pair{&self.input, false},       std::pair{&self.weight, false},
+                      std::pair{&self.bias, false},        std::pair{&self.running_mean, false},
+                      std::pair{&self.running_var, false}, std::pair{&self.save_mean, true},
+                      std::pair{&self.save_var, true},     std::pair{&self.output, true},
+                      std::pair{&self.residual, false}};
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* saved : {&input, &weight, &bias, &running_mean, &running_var, &save_mean,
-                        &save_var, &output, &residual}) {
-      saved->reset_data();
-    }
+    for (auto [saved, is_output] : saved_list(*this)) saved->reset_data();
   }
 
   // The edges are input, weight, bias and residual, an empty edge for one not given.
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  static variable_list backward(const variable_list& grads, std::array<bool, 4> mask,
+                                const optional<Tensor>& output, const Tensor& input,
+                                const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                const optional<Tensor>& running_mean,
+                                const optional<Tensor>& running_var, const Tensor& save_mean,
+                                const Tensor& save_var, bool training, double eps,
+                                const optional<Tensor>& residual, bool has_residual,
+                                const std::string& activation,
+                                optional<c10::ScalarType> param_dtype) {
     const Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return variable_list(4);
-    const std::array<bool, 4> mask = {should_compute_output(0),
-                                      has_weight && should_compute_output(1),
-                                      has_bias && should_compute_output(2),
-                                      has_residual && should_compute_output(3)};
     auto [grad_input, grad_weight, grad_bias, grad_residual] = act_backward_op().call(
-        grad_output, or_none(output.unpack(getptr())), input.unpack(), or_none(weight.unpack()),
-        or_none(bias.unpack()), or_none(running_mean.unpack()), or_none(running_var.unpack()),
-        save_mean.unpack(getptr()), save_var.unpack(getptr()), training, eps,
-        or_none(residual.unpack()), has_residual, activation, mask, param_dtype);
+        grad_output, output, input, weight, bias, running_mean, running_var, save_mean, save_var,
+        training, eps, residual, has_residual, activation, mask, param_dtype);
     return {grad_input, grad_weight, grad_bias, grad_residual};
+  }
+
+  auto state() {
+    const std::array<bool, 4> mask = {task_should_compute_output(0),
+                                      has_weight && task_should_compute_output(1),
+                                      has_bias && task_should_compute_output(2),
+                                      has_residual && task_should_compute_output(3)};
+    return std::make_tuple(mask, or_none(output.unpack(getptr())), input.unpack(),
+                           or_none(weight.unpack()), or_none(bias.unpack()),
+                           or_none(running_mean.unpack()), or_none(running_var.unpack()),
+                           save_mean.unpack(getptr()), save_var.unpack(getptr()), training, eps,
+                           or_none(residual.unpack()), has_residual, activation,
+                           optional<c10::ScalarType>(param_dtype));
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::apply([&](const auto&... s) { return backward(grads, s...); }, state());
+  }
+
+  void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
+    for (auto [saved, is_output] : saved_list(*this)) args.collect(*saved, is_output);
+    args.collect(training);
+    args.collect(has_weight);
+    args.collect(has_bias);
+    args.collect(has_residual);
+    args.collect(eps);
+    args.collect(activation);
+    args.collect(param_dtype);
+    for (size_t i = 0; i < 4; ++i) args.collect(task_should_compute_output(i));
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 compiled_autograd::SwapSavedVariables& saved) override {
+    for (auto [variable, is_output] : saved_list(*this)) saved.before(*variable);
+    static const std::string bound =
+        bind_backward(saved, "batchnorm_ext_BatchNormActBackward", &backward);
+    variable_list result = std::apply(
+        [&](const auto&... s) { return call_backward(saved, bound, grads, next_edges(), s...); },
+        state());
+    for (auto [variable, is_output] : saved_list(*this)) saved.after(*variable);
+    return result;
   }
 };
 

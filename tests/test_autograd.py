@@ -1,5 +1,7 @@
 """Gradients: gradcheck and gradgradcheck in float64, double backward and forward-mode AD
 (torch.func.jvp, dual tensors) against native."""
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -242,3 +244,74 @@ def test_dual_level_with_nothing_to_record_records_nothing(context, fused):
             assert y.grad_fn is None and not y.requires_grad, fn.__name__
             outputs.append(fwAD.unpack_dual(y).primal)
     assert_close(*outputs)
+
+
+def _compiled_autograd_gradients(fn, x0, w, b, r, training, activation, backend, hooks=False,
+                                 inputs=None):
+    """The gradients of a small loss through `fn` (eager forward), its backward under compiled
+    autograd (`backend`, or eager when None); `inputs` for autograd.grad, else .backward()."""
+    from torch._dynamo import compiled_autograd
+    leaves = [t for t in (x0, w, b, r) if t is not None]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(0)
+    mean, var = torch.randn(3).mul_(0.1), torch.rand(3).add_(0.5)
+    saving = (torch.autograd.graph.saved_tensors_hooks(lambda t: t * 1, lambda t: t) if hooks
+              else contextlib.nullcontext())
+    with saving:
+        y = fn(x0 * 2, mean, var, w, b, training, activation, r)  # x0 * 2: a node upstream
+        loss = (y * torch.randn_like(y)).sum()
+    compiling = (compiled_autograd._enable(torch.compile(backend=backend)) if backend
+                 else contextlib.nullcontext())
+    with compiling:
+        if inputs is not None:
+            return list(torch.autograd.grad(loss, inputs))
+        loss.backward()
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation,residual", [(None, False), ("relu", False), ("relu", True),
+                                                 ("silu", True)], ids=str)
+def test_compiled_autograd_of_an_eager_forward(activation, residual, training):
+    """torch.compile of the backward alone (compiled autograd) after an eager forward: the C++
+    nodes of the eager fast path record their backward in its graph (compiled_args,
+    apply_with_saved), and the gradients are those of the eager backward, as native's are.
+    Also with saved-tensor hooks, and for autograd.grad of one input."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    x0 = torch.randn(4, 3, 5, 5, requires_grad=True)
+    w, b = torch.rand(3).add_(0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, requires_grad=True) if residual else None
+    case = (x0, w, b, r, training, activation)
+    eager = _compiled_autograd_gradients(ours_fused, *case, backend=None)
+    native = _compiled_autograd_gradients(native_fused, *case, backend=None)
+    captures = counters["compiled_autograd"]["captures"]
+    # backend="eager" runs the captured graph's very operators: the same bits
+    for kwargs in ({}, {"hooks": True}, {"inputs": [x0]}, {"inputs": [w]}):
+        compiled = _compiled_autograd_gradients(ours_fused, *case, backend="eager", **kwargs)
+        expected = eager if "inputs" not in kwargs else [eager[0 if kwargs["inputs"][0] is x0 else 1]]
+        assert len(compiled) == len(expected), kwargs
+        for c, e in zip(compiled, expected):
+            assert torch.equal(c, e), kwargs
+    assert counters["compiled_autograd"]["captures"] > captures  # it did compile
+    for o, n in zip(eager, native):
+        assert_close(o, n)
+
+
+def test_compiled_autograd_with_inductor():
+    """As above with Inductor compiling the backward: our backward operator is in its code
+    (an extern kernel), and the gradients are the eager ones to rounding (Inductor may fuse
+    the ops around it differently), as close as native's under the same compile."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    x0 = torch.randn(4, 3, 5, 5, requires_grad=True)
+    w, b = torch.rand(3).add_(0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+    for activation in (None, "relu"):
+        eager = _compiled_autograd_gradients(ours_fused, x0, w, b, None, True, activation, None)
+        compiled, code = run_and_get_code(_compiled_autograd_gradients, ours_fused, x0, w, b, None,
+                                          True, activation, "inductor")
+        op = "batch_norm_backward" if activation is None else "batch_norm_act_backward"
+        assert any(f"torch.ops.batchnorm_ext.{op}.default" in c for c in code), activation
+        for c, e in zip(compiled, eager):
+            assert_close(c, e)
