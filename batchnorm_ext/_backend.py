@@ -241,8 +241,17 @@ class _Backend:
         self.options = dict(options)
 
     def __call__(self, graph_module, example_inputs, mode=None, options=None):
+        settings = {**self.options, **(options or {})}
+        # Inductor's layout optimization makes every CPU graph with a convolution
+        # channels-last, converting its input and weights at each call.  Where batch norms
+        # become ours it gains nothing (our kernels take either layout, and gain most in
+        # NCHW training), so the backend turns it off there unless told otherwise; a graph
+        # without keeps Inductor's default.  Measured: tutorial page 11.
+        if "layout_optimization" not in settings and \
+                any(_batch_norm_call(node) is not None for node in graph_module.graph.nodes):
+            settings["layout_optimization"] = False
         # Inductor's own wrapper turns mode and options into settings, and checks them.
-        inductor = torch._TorchCompileInductorWrapper(mode, {**self.options, **(options or {})}, None)
+        inductor = torch._TorchCompileInductorWrapper(mode, settings, None)
         passes = inductor.config.get("pre_grad_custom_pass", torch._inductor.config.pre_grad_custom_pass)
         return inductor(graph_module, example_inputs,
                         config_patches={"pre_grad_custom_pass": _with_rewrite(passes)})

@@ -242,6 +242,40 @@ def our_forward_calls(code):
     return len(OUR_FORWARDS.findall("".join(code)))
 
 
+def test_layout_optimization_off_where_batch_norms_become_ours(monkeypatch):
+    """On a CPU, Inductor makes every graph with a convolution channels-last (layout
+    optimization: the inputs and weights converted at each call).  The backend turns that
+    off in the graphs where batch norms become ours, unless told otherwise; in graphs
+    without (no batch norm, or eval, left to Inductor) Inductor decides as without it."""
+    from torch._inductor.graph import GraphLowering
+    decided = []
+    decide = GraphLowering.decide_layout_opt
+
+    def recording(gm, *, is_inference):
+        decided.append(decide(gm, is_inference=is_inference))
+        return decided[-1]
+
+    monkeypatch.setattr(GraphLowering, "decide_layout_opt", staticmethod(recording))
+    conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    cases = [(conv_bn, "batchnorm_ext", False),
+             (conv_bn, batchnorm_ext.compile_backend(layout_optimization=True), True),
+             (conv, "batchnorm_ext", True), (conv_bn, "inductor", True)]
+    for model, backend, optimized in cases:
+        torch._dynamo.reset()
+        decided.clear()
+        torch.compile(copy.deepcopy(model), backend=backend)(x).sum().backward()
+        # the forward graph's decision (the backward graph has no aten.convolution, which
+        # Inductor looks for: False either way)
+        assert decided == [optimized, False], (model, backend)
+    torch._dynamo.reset()
+    decided.clear()
+    with torch.no_grad():
+        torch.compile(copy.deepcopy(conv_bn).eval(), backend="batchnorm_ext")(x)
+    assert decided == [True]
+
+
 def test_eval_with_freezing_folds_as_native():
     """In eval under freezing, the backend leaves batch norms to Inductor, which folds them
     into the convolutions: the same code as native's compiled with Inductor."""
