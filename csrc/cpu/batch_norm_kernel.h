@@ -322,42 +322,28 @@ void backward_typed(const BackwardArgs& args) {
           return dz;
         });
       };
-      // grad_input.  Training or eval and streaming or not are chosen once, outside the
-      // loops, as in the forward (a 7x7 plane is 4 vectors).
-      auto with_apply = [&](auto run) {
-        with_bool(training, [&](auto is_training) {
-          with_bool(stream, [&](auto streaming) {
-            constexpr bool kTraining = decltype(is_training)::value;
-            constexpr bool kStream = decltype(streaming)::value;
-            run([&](int64_t c, const Block& block) {
-              if (!dx) return;
-              const acc_t a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c], t = z_shift[c];
-              auto dx_of = [=](auto dz, auto v) {
-                using V = decltype(dz);
-                if constexpr (kTraining) {
-                  return dx_train(dz, v, V(a), V(b), V(k), V(m));
-                } else {
-                  return dx_eval(dz, V(a));
-                }
-              };
-              block.for_each_run([&](int64_t offset, int64_t len) {
-                if (dz_in_memory && kTraining) {
-                  map_run<kStream>(dx + offset, len, dx_of, dz_in_memory + offset, x + offset);
-                } else if (dz_in_memory) {  // eval: dx = k_dy * dz reads no x
-                  map_run<kStream>(dx + offset, len, [=](auto dz) {
-                    using V = decltype(dz);
-                    return dx_eval(dz, V(a));
-                  }, dz_in_memory + offset);
-                } else if constexpr (!E::kResidual && E::kActivation != Activation::Identity) {
-                  // dz from dy and y (ReLU) or x (SiLU)
-                  map_run<kStream>(dx + offset, len, [=](auto grad, auto v, auto out) {
-                    using V = decltype(grad);
-                    return dx_of(dz_of(e, grad, v, out, V(m), V(a), V(t)), v);
-                  }, dy + offset, x + offset, out_or_dy + offset);
-                }
-              });
-            });
-          });
+      auto apply = [&](int64_t c, const Block& block) {
+        if (!dx) return;
+        const acc_t a = k_dy[c], b = k_x[c], k = k_c[c], m = mean[c], t = z_shift[c];
+        block.for_each_run([&](int64_t offset, int64_t len) {
+          if (dz_in_memory && training) {
+            map_run(stream, dx + offset, len, [=](auto dz, auto v) {
+              using V = decltype(v);
+              return dx_train(dz, v, V(a), V(b), V(k), V(m));
+            }, dz_in_memory + offset, x + offset);
+          } else if (dz_in_memory) {
+            map_run(stream, dx + offset, len, [=](auto dz) {
+              using V = decltype(dz);
+              return dx_eval(dz, V(a));
+            }, dz_in_memory + offset);
+          } else if constexpr (!E::kResidual && E::kActivation != Activation::Identity) {
+            // dz from dy and y (ReLU) or x (SiLU)
+            map_run(stream, dx + offset, len, [=](auto grad, auto v, auto out) {
+              using V = decltype(grad);
+              const V dz = dz_of(e, grad, v, out, V(m), V(a), V(t));
+              return training ? dx_train(dz, v, V(a), V(b), V(k), V(m)) : dx_eval(dz, V(a));
+            }, dy + offset, x + offset, out_or_dy + offset);
+          }
         });
       };
       // Short planes of data from memory: the sums in memory order (see
@@ -368,11 +354,11 @@ void backward_typed(const BackwardArgs& args) {
       if (plane_order) {
         const std::vector<GradSums> sums = channels_first_plane_reduce<GradSums>(g, block_sums);
         for (int64_t c = 0; c < C; ++c) finish(c, sums[c]);
-        with_apply([&](auto apply) { channels_first_apply(blocks, apply); });
+        channels_first_apply(blocks, apply);
       } else if (need_sums) {
-        with_apply([&](auto apply) { channels_first_reduce_apply<GradSums>(blocks, block_sums, finish, apply); });
+        channels_first_reduce_apply<GradSums>(blocks, block_sums, finish, apply);
       } else {
-        with_apply([&](auto apply) { channels_first_apply(blocks, apply); });
+        channels_first_apply(blocks, apply);
       }
     });
     return;

@@ -260,6 +260,15 @@ inline void map_run(T* out, int64_t len, const F& f, const In*... in) {
   }
 }
 
+template <typename T, typename F, typename... In>
+inline void map_run(bool stream, T* out, int64_t len, const F& f, const In*... in) {
+  if (stream) {
+    map_run<true>(out, len, f, in...);
+  } else {
+    map_run<false>(out, len, f, in...);
+  }
+}
+
 // f(std::true_type{}) or f(std::false_type{}): a flag made a compile-time constant, for a
 // loop that should not test it at every step.
 template <typename F>
