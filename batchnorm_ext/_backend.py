@@ -156,6 +156,20 @@ def _moves_safely(node, fusion, operands):
     return True
 
 
+def _left_to_inductor(node):
+    """The activation after a native batch-norm call that the rewrite leaves to Inductor
+    with it (see _LEFT_TO_INDUCTOR), by name; else None."""
+    user = fused._single_user(node)
+    if node.target is ops.batch_norm.default or user is None or user.op != "call_function":
+        return None
+    return _LEFT_TO_INDUCTOR.get(user.target)
+
+
+def _becomes_ours(node):
+    """Whether rewrite() makes the node one of our operators (or it is one already)."""
+    return _batch_norm_call(node) is not None and _left_to_inductor(node) is None
+
+
 def rewrite(graph):
     """Replaces, in a Dynamo graph, the batch norms that use batch statistics by our
     operators, fused with what follows them (see the module's documentation); returns
@@ -180,10 +194,9 @@ def rewrite(graph):
             fusion = None  # e.g. the same module's batch norm called again in between
         if fusion is None and node.target is ops.batch_norm.default:
             continue  # ours already (a converted model), with nothing to fuse
-        user = fused._single_user(node)
-        if fusion is None and user is not None and user.op == "call_function" and \
-                user.target in _LEFT_TO_INDUCTOR:
-            counters["batchnorm_ext"]["native+" + _LEFT_TO_INDUCTOR[user.target]] += 1
+        left = _left_to_inductor(node)
+        if fusion is None and left is not None:
+            counters["batchnorm_ext"]["native+" + left] += 1
             continue
         last = fusion.nodes[-1] if fusion is not None else node
         with graph.inserting_before(last):
@@ -247,8 +260,11 @@ class _Backend:
         # become ours it gains nothing (our kernels take either layout, and gain most in
         # NCHW training), so the backend turns it off there unless told otherwise; a graph
         # without keeps Inductor's default.  Measured: tutorial page 11.
+        # (The pass runs on subgraphs too: checkpointed regions, cond branches.)
         if "layout_optimization" not in settings and \
-                any(_batch_norm_call(node) is not None for node in graph_module.graph.nodes):
+                settings.get("use_pre_grad_passes", torch._inductor.config.use_pre_grad_passes) and \
+                any(_becomes_ours(node) for module in graph_module.modules()
+                    if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes):
             settings["layout_optimization"] = False
         # Inductor's own wrapper turns mode and options into settings, and checks them.
         inductor = torch._TorchCompileInductorWrapper(mode, settings, None)

@@ -302,7 +302,7 @@ def test_compiled_autograd_of_an_eager_forward(activation, residual, training):
 def test_compiled_autograd_with_inductor():
     """As above with Inductor compiling the backward: our backward operator is in its code
     (an extern kernel), and the gradients are the eager ones to rounding (Inductor may fuse
-    the ops around it differently), as close as native's under the same compile."""
+    the ops around it differently)."""
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     x0 = torch.randn(4, 3, 5, 5, requires_grad=True)
@@ -315,3 +315,39 @@ def test_compiled_autograd_with_inductor():
         assert any(f"torch.ops.batchnorm_ext.{op}.default" in c for c in code), activation
         for c, e in zip(compiled, eager):
             assert_close(c, e)
+
+
+def test_compiled_autograd_caches_by_what_the_backward_depends_on():
+    """Compiled autograd keys its graphs on what the nodes' compiled_args collect: the same
+    backward again with new data is served by the graph already captured (and computes
+    with the new data: no tensor frozen into it), and each value the backward depends on
+    (eps, training, the activation, the gradients wanted) changed gives a new capture.  The
+    eager backward's gradients every time."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    compiler = torch.compile(backend="eager")
+
+    def gradients(training, activation, eps, wanted, seed, compiled):
+        torch.manual_seed(seed)
+        x = torch.randn(4, 3, 5, 5, requires_grad=True)
+        w, b = torch.rand(3).add_(0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+        y = batchnorm_ext.batch_norm(x * 2, torch.randn(3), torch.rand(3).add_(0.5), w, b,
+                                     training=training, activation=activation, eps=eps)
+        loss = (y * torch.randn_like(y)).sum()
+        with compiled_autograd._enable(compiler) if compiled else contextlib.nullcontext():
+            return torch.autograd.grad(loss, [(x, w, b)[i] for i in wanted])
+
+    calls = [((True, None, 1e-5, (0, 1, 2)), True), ((True, None, 1e-5, (0, 1, 2)), False),
+             ((True, None, 1e-3, (0, 1, 2)), True), ((False, None, 1e-3, (0, 1, 2)), True),
+             ((False, None, 1e-3, (0, 1)), True), ((False, "relu", 1e-3, (0, 1)), True),
+             ((False, "relu", 1e-3, (0, 1)), False), ((False, "silu", 1e-3, (0, 1)), True),
+             ((True, "silu", 1e-3, (0, 1)), True), ((True, "silu", 1e-3, (0, 1)), False)]
+    for seed, (case, captures_anew) in enumerate(calls):  # new data at every call
+        before = counters["compiled_autograd"]["captures"]
+        compiled = gradients(*case, seed, compiled=True)
+        assert counters["compiled_autograd"]["captures"] - before == int(captures_anew), case
+        eager = gradients(*case, seed, compiled=False)
+        assert len(compiled) == len(eager) == len(case[3])
+        for c, e in zip(compiled, eager):
+            assert torch.equal(c, e), case

@@ -246,7 +246,8 @@ def test_layout_optimization_off_where_batch_norms_become_ours(monkeypatch):
     """On a CPU, Inductor makes every graph with a convolution channels-last (layout
     optimization: the inputs and weights converted at each call).  The backend turns that
     off in the graphs where batch norms become ours, unless told otherwise; in graphs
-    without (no batch norm, or eval, left to Inductor) Inductor decides as without it."""
+    where none does (no batch norm, one left to Inductor with its Hardswish, eval)
+    Inductor decides as it does without the backend.  Results as native's either way."""
     from torch._inductor.graph import GraphLowering
     decided = []
     decide = GraphLowering.decide_layout_opt
@@ -258,22 +259,39 @@ def test_layout_optimization_off_where_batch_norms_become_ours(monkeypatch):
     monkeypatch.setattr(GraphLowering, "decide_layout_opt", staticmethod(recording))
     conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    conv_bn_hardswish = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish())
     x = torch.randn(2, 3, 8, 8)
-    cases = [(conv_bn, "batchnorm_ext", False),
-             (conv_bn, batchnorm_ext.compile_backend(layout_optimization=True), True),
-             (conv, "batchnorm_ext", True), (conv_bn, "inductor", True)]
-    for model, backend, optimized in cases:
+
+    def forward_decision(model, backend):
+        """Inductor's decision for the forward graph of one training step (the backward
+        graph has no aten.convolution, which Inductor looks for: False either way), and the
+        step's output and gradients against native eager's."""
         torch._dynamo.reset()
         decided.clear()
-        torch.compile(copy.deepcopy(model), backend=backend)(x).sum().backward()
-        # the forward graph's decision (the backward graph has no aten.convolution, which
-        # Inductor looks for: False either way)
-        assert decided == [optimized, False], (model, backend)
+        compiled, native = copy.deepcopy(model), copy.deepcopy(model)
+        outputs = [torch.compile(compiled, backend=backend)(x), native(x)]
+        for out in outputs:
+            out.sum().backward()
+        assert_close(*outputs)
+        for ours, theirs in zip(compiled.parameters(), native.parameters()):
+            assert_close(ours.grad, theirs.grad)
+        assert len(decided) == 2 and decided[1] is False, decided
+        return decided[0]
+
+    inductors = forward_decision(conv_bn, "inductor")
+    assert inductors is True  # the premise: this CPU's Inductor optimizes (mkldnn)
+    assert forward_decision(conv_bn, "batchnorm_ext") is False
+    assert rewritten() == {"batch_norm+relu": 1}
+    assert forward_decision(conv_bn, batchnorm_ext.compile_backend(layout_optimization=True)) is True
+    assert forward_decision(conv, "batchnorm_ext") is inductors
+    counters.clear()
+    assert forward_decision(conv_bn_hardswish, "batchnorm_ext") is inductors
+    assert rewritten() == {"native+hardswish": 1}
     torch._dynamo.reset()
     decided.clear()
     with torch.no_grad():
         torch.compile(copy.deepcopy(conv_bn).eval(), backend="batchnorm_ext")(x)
-    assert decided == [True]
+    assert decided == [inductors]
 
 
 def test_eval_with_freezing_folds_as_native():
