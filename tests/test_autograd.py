@@ -351,3 +351,33 @@ def test_compiled_autograd_caches_by_what_the_backward_depends_on():
         assert len(compiled) == len(eager) == len(case[3])
         for c, e in zip(compiled, eager):
             assert torch.equal(c, e), case
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_autograd_double_backward(training):
+    """create_graph=True under compiled autograd, then a backward of the gradient: the
+    gradient's own graph (batch_norm_backward's differentiable form) is built inside the
+    compiled graph; the second-order gradients are the eager ones to the bit, and native's
+    to rounding."""
+    from torch._dynamo import compiled_autograd
+    torch._dynamo.reset()
+    mean, var = torch.randn(3), torch.rand(3).add_(0.5)
+
+    def second_order(fn, compiled):
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 5, 5, requires_grad=True)
+        w, b = torch.rand(3).add_(0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+        y = fn(x, mean.clone(), var.clone(), w, b, training, None, None)
+        loss = (y * torch.randn_like(y)).sum()
+        with compiled_autograd._enable(torch.compile(backend="eager")) if compiled \
+                else contextlib.nullcontext():
+            grad_x, = torch.autograd.grad(loss, [x], create_graph=True)
+        # in eval grad_x = weight * invstd * dy does not depend on x: its gradient is zeros
+        return torch.autograd.grad(grad_x.pow(2).sum(), [x, w], materialize_grads=True)
+
+    eager = second_order(ours_fused, compiled=False)
+    compiled = second_order(ours_fused, compiled=True)
+    native = second_order(native_fused, compiled=False)
+    for c, e, n in zip(compiled, eager, native):
+        assert torch.equal(c, e)
+        assert_close(c, n)
