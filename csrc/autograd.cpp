@@ -197,13 +197,57 @@ variable_list call_backward(compiled_autograd::SwapSavedVariables& saved, const 
       saved.get_py_compiler(), "apply_functional", bound, grads, args.vec(), output_metadata);
 }
 
+// What the two nodes below share, written once.  Derived gives: saved_list(self) (its saved
+// tensors, each with whether it is an output of the forward), a static backward(grads,
+// state...), state() (the gradients wanted, the saved tensors unpacked, the values),
+// collect_values(args) (every value state() reads, for compiled autograd's key) and
+// kBoundName.
+template <typename Derived>
+struct SavedStateNode : public torch::autograd::Node {
+  // Under the node's mutex, as torch's nodes do: backward can run on several threads.
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto [saved, is_output] : Derived::saved_list(self())) saved->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::apply([&](const auto&... s) { return Derived::backward(grads, s...); },
+                      self().state());
+  }
+
+  // Compiled autograd (see bind_backward): the saved tensors, the values, the gradients wanted.
+  void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
+    for (auto [saved, is_output] : Derived::saved_list(self())) args.collect(*saved, is_output);
+    self().collect_values(args);
+    for (size_t i = 0; i < num_outputs(); ++i) args.collect(task_should_compute_output(i));
+  }
+
+  // The saved tensors swapped for the graph's, the backward recorded in it.
+  variable_list apply_with_saved(const variable_list& grads,
+                                 compiled_autograd::SwapSavedVariables& saved) override {
+    for (auto [variable, is_output] : Derived::saved_list(self())) saved.before(*variable);
+    static const std::string bound = bind_backward(saved, Derived::kBoundName, &Derived::backward);
+    variable_list result = std::apply(
+        [&](const auto&... s) { return call_backward(saved, bound, grads, next_edges(), s...); },
+        self().state());
+    for (auto [variable, is_output] : Derived::saved_list(self())) saved.after(*variable);
+    return result;
+  }
+
+ private:
+  Derived& self() { return static_cast<Derived&>(*this); }
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+
 // batch_norm_forward's autograd node on the eager fast path (the composite batch_norm with
 // no transform and no tangent), written as torch writes its own (NativeBatchNormBackward0):
 // the saved tensors and values are members.  A torch::autograd::Function would do the same
 // with a map of saved values and per-input bookkeeping: on an eval call with parameters that
 // require grad it cost ~10 us more than the forward alone (8x512x7x7), native's node ~1 us.
 // The operator's own Autograd kernel, in Python, does the same as this node.
-struct BatchNormBackward : public torch::autograd::Node {
+struct BatchNormBackward : public SavedStateNode<BatchNormBackward> {
+  static constexpr const char* kBoundName = "batchnorm_ext_BatchNormBackward";
   torch::autograd::SavedVariable input, weight, running_mean, running_var, save_mean, save_var;
   bool training = false, has_weight = false, has_bias = false;
   double eps = 0;
@@ -217,12 +261,6 @@ struct BatchNormBackward : public torch::autograd::Node {
     return std::array{std::pair{&self.input, false},        std::pair{&self.weight, false},
                       std::pair{&self.running_mean, false}, std::pair{&self.running_var, false},
                       std::pair{&self.save_mean, true},     std::pair{&self.save_var, true}};
-  }
-
-  // Under the node's mutex, as torch's nodes do: backward can run on several threads.
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto [saved, is_output] : saved_list(*this)) saved->reset_data();
   }
 
   // The backward, from the gradients and the node's state (below).  The edges are input,
@@ -253,33 +291,12 @@ struct BatchNormBackward : public torch::autograd::Node {
                            optional<c10::ScalarType>(param_dtype));
   }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return std::apply([&](const auto&... s) { return backward(grads, s...); }, state());
-  }
-
-  // Compiled autograd (see bind_backward): the saved tensors and every value state() reads.
-  void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
-    for (auto [saved, is_output] : saved_list(*this)) args.collect(*saved, is_output);
+  void collect_values(compiled_autograd::CompiledNodeArgs& args) const {
     args.collect(training);
     args.collect(has_weight);
     args.collect(has_bias);
     args.collect(eps);
     args.collect(param_dtype);
-    for (size_t i = 0; i < 3; ++i) args.collect(task_should_compute_output(i));
-  }
-
-  // The saved tensors swapped for the graph's, the backward recorded in it.
-  variable_list apply_with_saved(const variable_list& grads,
-                                 compiled_autograd::SwapSavedVariables& saved) override {
-    for (auto [variable, is_output] : saved_list(*this)) saved.before(*variable);
-    static const std::string bound =
-        bind_backward(saved, "batchnorm_ext_BatchNormBackward", &backward);
-    variable_list result = std::apply(
-        [&](const auto&... s) { return call_backward(saved, bound, grads, next_edges(), s...); },
-        state());
-    for (auto [variable, is_output] : saved_list(*this)) saved.after(*variable);
-    return result;
   }
 };
 
@@ -331,7 +348,8 @@ ForwardResult forward_with_node(const Tensor& input, const optional<Tensor>& wei
 // batch_norm_act_forward's autograd node on the eager fast path, as BatchNormBackward.  What
 // the backward keeps besides the input: the output for relu (its mask), the bias and the
 // residual for silu (its input is recomputed); nothing else the size of the input.
-struct BatchNormActBackward : public torch::autograd::Node {
+struct BatchNormActBackward : public SavedStateNode<BatchNormActBackward> {
+  static constexpr const char* kBoundName = "batchnorm_ext_BatchNormActBackward";
   torch::autograd::SavedVariable input, weight, bias, running_mean, running_var, save_mean,
       save_var, output, residual;
   bool training = false, has_weight = false, has_bias = false, has_residual = false;
@@ -348,11 +366,6 @@ struct BatchNormActBackward : public torch::autograd::Node {
                       std::pair{&self.running_var, false}, std::pair{&self.save_mean, true},
                       std::pair{&self.save_var, true},     std::pair{&self.output, true},
                       std::pair{&self.residual, false}};
-  }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto [saved, is_output] : saved_list(*this)) saved->reset_data();
   }
 
   // The edges are input, weight, bias and residual, an empty edge for one not given.
@@ -386,13 +399,7 @@ struct BatchNormActBackward : public torch::autograd::Node {
                            optional<c10::ScalarType>(param_dtype));
   }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return std::apply([&](const auto&... s) { return backward(grads, s...); }, state());
-  }
-
-  void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
-    for (auto [saved, is_output] : saved_list(*this)) args.collect(*saved, is_output);
+  void collect_values(compiled_autograd::CompiledNodeArgs& args) const {
     args.collect(training);
     args.collect(has_weight);
     args.collect(has_bias);
@@ -400,19 +407,6 @@ struct BatchNormActBackward : public torch::autograd::Node {
     args.collect(eps);
     args.collect(activation);
     args.collect(param_dtype);
-    for (size_t i = 0; i < 4; ++i) args.collect(task_should_compute_output(i));
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 compiled_autograd::SwapSavedVariables& saved) override {
-    for (auto [variable, is_output] : saved_list(*this)) saved.before(*variable);
-    static const std::string bound =
-        bind_backward(saved, "batchnorm_ext_BatchNormActBackward", &backward);
-    variable_list result = std::apply(
-        [&](const auto&... s) { return call_backward(saved, bound, grads, next_edges(), s...); },
-        state());
-    for (auto [variable, is_output] : saved_list(*this)) saved.after(*variable);
-    return result;
   }
 };
 
