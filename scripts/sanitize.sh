@@ -57,13 +57,14 @@ cd "$out/lib"
 # - the 2**31-value statistics with the DEFAULT kernels (4 GiB read by at::vec's plain C++
 #   at -O1 under ASan: a minute per layout; the vector build runs them here, in seconds,
 #   through the same indexing code);
-# - what is mostly Inductor compiling whole models or comparing its code (the backend's
+# - what is mostly Inductor or Dynamo compiling whole models or comparing its code (the backend's
 #   freezing, caches, options and layout tests, the entry point in a new process, the
 #   tutorial's page 11) or a compiler building another extension (page 3): minutes of
 #   g++ under the preloaded sanitizer runtimes, for no code of ours that the tests kept do
 #   not run (the rewrite's graphs, dynamic shapes, AOTInductor, tests/test_inductor.py).
 "$root/.venv/bin/python" -m pytest "$root/tests" -q -p no:cacheprovider \
   --deselect tests/test_backend.py::test_models_compiled_with_the_backend_train_like_native \
+  --deselect tests/test_autograd.py::test_compiled_autograd_of_a_torchvision_model \
   --deselect tests/test_backend.py::test_layout_optimization_off_where_batch_norms_become_ours \
   --deselect tests/test_backend.py::test_eval_with_freezing_folds_as_native \
   --deselect tests/test_backend.py::test_a_model_without_batch_norms_compiles_as_with_inductor \
