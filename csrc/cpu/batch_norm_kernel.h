@@ -23,6 +23,41 @@
 namespace batchnorm_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
+// invstd = 1 / sqrt(var + eps), for a channel or a vector of them.  In training (batch
+// variance, double) a constant channel with eps = 0 gets 0, not infinity, as native.
+inline double batch_inverse_std(double var, double eps) {
+  return (var == 0 && eps == 0) ? 0.0 : 1.0 / std::sqrt(var + eps);
+}
+inline Vectorized<double> batch_inverse_std(const Vectorized<double>& var, double eps) {
+  using Vec = Vectorized<double>;
+  const Vec invstd = Vec(1) / (var + Vec(eps)).sqrt();
+  return eps == 0 ? Vec::blendv(invstd, Vec(0), var == Vec(0)) : invstd;
+}
+
+// The per-channel arithmetic of a call with many channels and few values each is a large
+// part of it (8x512x1x1: one division and square root per channel, one at a time, were a
+// fifth of the training forward).  So where every channel is done at once, these run a
+// vector of channels at a time; IEEE division and square root round exactly, so each value
+// is the one computed alone.
+
+// The batch variance M2 / count and invstd of every channel (training).
+inline void batch_variance_and_inverse_std(const double* m2, double count, double eps, int64_t C,
+                                           double* var, double* invstd) {
+  map_run<false>(var, C, [count](auto v) { return v / decltype(v)(count); }, m2);
+  map_run<false>(invstd, C, [eps](auto v) { return batch_inverse_std(v, eps); }, var);
+}
+
+// invstd = 1 / sqrt(running_var + eps) of every channel, in acc_t as native (eval).
+template <typename A>
+std::vector<A> running_inverse_std(const A* running_var, double eps, int64_t C) {
+  std::vector<A> invstd(C);
+  map_run<false>(invstd.data(), C, [eps](auto v) {
+    using Vec = decltype(v);
+    return Vec(1) / (v + Vec(A(eps))).sqrt();
+  }, running_var);
+  return invstd;
+}
+
 // The forward: statistics (training), per-channel coefficients, then the output, through
 // the epilogue (epilogues.h): y = activation(z [+ residual]) with z the normalized value.
 template <typename T, typename P>
@@ -54,33 +89,45 @@ void forward_typed(const ForwardArgs& args) {
     scale[c] = (weight ? acc_t(weight[c]) : acc_t(1)) * invstd;
     shift[c] = bias ? acc_t(bias[c]) : acc_t(0);
   };
-  auto finish = [&](int64_t c, const Moments& m) {
-    const double var = m.m2 / double(m.count);
+  // Training: from the batch mean, variance and invstd, saved (for the backward and the
+  // running statistics) where asked.
+  auto set_batch_coefficients = [&](int64_t c, double batch_mean, double var, double invstd) {
     if (args.save_mean != nullptr) {
-      static_cast<double*>(args.save_mean)[c] = m.mean;
+      static_cast<double*>(args.save_mean)[c] = batch_mean;
       static_cast<double*>(args.save_var)[c] = var;
     }
-    // As native: a constant channel with eps = 0 gives invstd 0, not infinity.
-    const double invstd = (var == 0 && args.eps == 0) ? 0.0 : 1.0 / std::sqrt(var + args.eps);
-    set_coefficients(c, acc_t(m.mean), acc_t(invstd));
+    set_coefficients(c, acc_t(batch_mean), acc_t(invstd));
     // x - mean[c] is exact for x near the mean; what rounding the mean to acc_t lost goes
     // into the shift: z = (x - mean_hi) * scale + (shift - (mean - mean_hi) * scale).
-    shift[c] = acc_t(double(shift[c]) - (m.mean - double(mean[c])) * double(scale[c]));
+    shift[c] = acc_t(double(shift[c]) - (batch_mean - double(mean[c])) * double(scale[c]));
+  };
+  // One channel's statistics (as the channels-first reduction hands them over) ...
+  auto finish = [&](int64_t c, const Moments& m) {
+    const double var = m.m2 / double(m.count);
+    set_batch_coefficients(c, m.mean, var, batch_inverse_std(var, args.eps));
+  };
+  // ... or every channel's, each of the same count.
+  auto finish_all = [&](const std::vector<Moments>& moments, double count) {
+    std::vector<double> m2(C), var(C), invstd(C);
+    for (int64_t c = 0; c < C; ++c) m2[c] = moments[c].m2;
+    batch_variance_and_inverse_std(m2.data(), count, args.eps, C, var.data(), invstd.data());
+    for (int64_t c = 0; c < C; ++c) set_batch_coefficients(c, moments[c].mean, var[c], invstd[c]);
   };
   if (!args.training) {
     const P* running_mean = static_cast<const P*>(args.running_mean);
-    const P* running_var = static_cast<const P*>(args.running_var);
+    const std::vector<acc_t> invstd = running_inverse_std(static_cast<const P*>(args.running_var), args.eps, C);
     for (int64_t c = 0; c < C; ++c) {
-      set_coefficients(c, acc_t(running_mean[c]),
-                       acc_t(1) / std::sqrt(acc_t(running_var[c]) + acc_t(args.eps)));
+      set_coefficients(c, acc_t(running_mean[c]), invstd[c]);
       shift[c] -= mean[c] * scale[c];
     }
   }
   // Statistics of a larger batch given (SyncBatchNorm): used as if computed here.
   const bool given = args.training && args.batch_mean != nullptr;
   if (given) {
-    // Moments of count 1 with M2 = var: finish takes var = M2 / count.
-    for (int64_t c = 0; c < C; ++c) finish(c, {1, args.batch_mean[c], args.batch_var[c]});
+    // Moments of count 1 with M2 = var: var = M2 / count.
+    std::vector<Moments> moments(C);
+    for (int64_t c = 0; c < C; ++c) moments[c] = {1, args.batch_mean[c], args.batch_var[c]};
+    finish_all(moments, 1.0);
   }
   const bool stream = streams(y, g);
   // z for a vector or a single value, in training and in eval.
@@ -103,8 +150,7 @@ void forward_typed(const ForwardArgs& args) {
     const bool plane_order = args.training && !given &&
                              reduces_in_plane_order<T>(g, 1 + (y != nullptr) + (residual != nullptr));
     if (plane_order) {
-      const std::vector<Moments> moments_of = channels_first_plane_reduce<Moments>(g, moments);
-      for (int64_t c = 0; c < C; ++c) finish(c, moments_of[c]);
+      finish_all(channels_first_plane_reduce<Moments>(g, moments), double(g.count()));
     } else if (args.training && !given && !y) {  // statistics only
       channels_first_reduce_apply<Moments>(blocks, moments, finish, [](int64_t, const Block&) {});
       return;
@@ -150,13 +196,12 @@ void forward_typed(const ForwardArgs& args) {
 
   const ChannelsLastPlan plan(g, kLanes<T>);
   if (args.training && !given) {
-    const std::vector<Moments> moments = channels_last_moments(x, plan);
-    for (int64_t c = 0; c < C; ++c) finish(c, moments[c]);
+    finish_all(channels_last_moments(x, plan), double(g.count()));
   }
   if (y == nullptr) return;  // statistics only
-  const auto mean_p = lane_pattern(mean, plan);
-  const auto scale_p = lane_pattern(scale, plan);
-  const auto shift_p = lane_pattern(shift, plan);
+  const LanePattern<acc_t> mean_p(mean, plan);
+  const LanePattern<acc_t> scale_p(scale, plan);
+  const LanePattern<acc_t> shift_p(shift, plan);
   using Patterns = const acc_t*;
   with_output_epilogue([&](auto e, auto epilogue) {
     using E = decltype(e);
@@ -209,20 +254,24 @@ void backward_typed(const BackwardArgs& args) {
 
   // The statistics the forward normalized with.  The batch mean (double) is split into
   // mean (rounded to acc_t, subtracted from x exactly) and mean_low, the rest.
+  // invstd as the forward computed it (a vector of channels at a time, see
+  // batch_variance_and_inverse_std).
   std::vector<acc_t> mean(C), invstd(C);
   std::vector<double> mean_low(C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    if (args.training) {
-      const double m = static_cast<const double*>(args.save_mean)[c];
-      const double var = static_cast<const double*>(args.save_var)[c];
-      mean[c] = acc_t(m);
-      mean_low[c] = m - double(mean[c]);
-      invstd[c] = (var == 0 && args.eps == 0) ? acc_t(0) : acc_t(1.0 / std::sqrt(var + args.eps));
-    } else {
-      mean[c] = acc_t(static_cast<const P*>(args.running_mean)[c]);
-      const acc_t var = acc_t(static_cast<const P*>(args.running_var)[c]);
-      invstd[c] = acc_t(1) / std::sqrt(var + acc_t(args.eps));
+  if (args.training) {
+    const double* batch_mean = static_cast<const double*>(args.save_mean);
+    std::vector<double> batch_invstd(C);
+    map_run<false>(batch_invstd.data(), C, [eps = args.eps](auto v) { return batch_inverse_std(v, eps); },
+                   static_cast<const double*>(args.save_var));
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = acc_t(batch_mean[c]);
+      mean_low[c] = batch_mean[c] - double(mean[c]);
+      invstd[c] = acc_t(batch_invstd[c]);
     }
+  } else {
+    const P* running_mean = static_cast<const P*>(args.running_mean);
+    for (int64_t c = 0; c < C; ++c) mean[c] = acc_t(running_mean[c]);
+    invstd = running_inverse_std(static_cast<const P*>(args.running_var), args.eps, C);
   }
 
   // dx = k_dy * dz + k_x * (x - mean) + k_c.  In training the batch statistics depend on
@@ -238,7 +287,9 @@ void backward_typed(const BackwardArgs& args) {
     z_shift[c] = args.training ? acc_t(double(b) - mean_low[c] * double(k_dy[c])) : b - mean[c] * k_dy[c];
   }
   // Values per channel: here, or over all processes when the sums are given (SyncBatchNorm).
-  const double count = double(args.given_sums ? args.count : g.count());
+  // (Multiplied by 1 / count: a division per channel was a tenth of the backward of
+  // 8x512x1x1.)
+  const double inv_count = 1.0 / double(args.given_sums ? args.count : g.count());
   auto finish = [&](int64_t c, const GradSums& sums) {
     // The sums used x - mean[c]; sum(dz * (x - true mean)) differs by mean_low * sum(dz).
     // Sums given from outside are already the true ones.
@@ -251,9 +302,9 @@ void backward_typed(const BackwardArgs& args) {
     }
     if (args.training) {
       const double i = invstd[c];
-      const double kx = -double(k_dy[c]) * i * i * dy_xmu / count;
+      const double kx = -double(k_dy[c]) * i * i * dy_xmu * inv_count;
       k_x[c] = acc_t(kx);
-      k_c[c] = acc_t(-double(k_dy[c]) * sums.dy / count - kx * mean_low[c]);
+      k_c[c] = acc_t(-double(k_dy[c]) * sums.dy * inv_count - kx * mean_low[c]);
     }
   };
   if (args.given_sums) {
@@ -365,9 +416,9 @@ void backward_typed(const BackwardArgs& args) {
   }
 
   const ChannelsLastPlan plan(g, kLanes<T>);
-  const auto mean_p = lane_pattern(mean, plan);
-  const auto k_dy_p = lane_pattern(k_dy, plan);
-  const auto z_shift_p = lane_pattern(z_shift, plan);
+  const LanePattern<acc_t> mean_p(mean, plan);
+  const LanePattern<acc_t> k_dy_p(k_dy, plan);
+  const LanePattern<acc_t> z_shift_p(z_shift, plan);
   if (need_sums) {
     const std::vector<GradSums> sums = with_grad_epilogue([&](auto e) {
       auto grad_at = [&](int64_t i, int64_t k, int64_t n) {
@@ -403,8 +454,8 @@ void backward_typed(const BackwardArgs& args) {
   }
   if (!dx) return;
   using Patterns = const acc_t*;
-  const auto k_x_p = lane_pattern(k_x, plan);
-  const auto k_c_p = lane_pattern(k_c, plan);
+  const LanePattern<acc_t> k_x_p(k_x, plan);
+  const LanePattern<acc_t> k_c_p(k_c, plan);
   if (dz_in_memory && !training) {
     channels_last_map<1>(plan, stream, {k_dy_p.data()}, dx,
                          [&](const auto& c, auto dz) { return dx_eval(dz, c[0]); }, dz_in_memory);

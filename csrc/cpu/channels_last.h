@@ -307,8 +307,13 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
     }
     count += n;
   }
+  // A period is P / C rows of C lanes: lane row + c is channel c.  (One channel per lane,
+  // not l % C: with many channels and few values each, 8x512x1x1, the integer division
+  // was a tenth of the call.)
   std::vector<Moments> channel(C);
-  for (int64_t l = 0; l < P && plan.periods > 0; ++l) merge(channel[l % C], {plan.periods, mean[l], m2[l]});
+  for (int64_t row = 0; row < P && plan.periods > 0; row += C) {
+    for (int64_t c = 0; c < C; ++c) merge(channel[c], {plan.periods, mean[row + c], m2[row + c]});
+  }
 
   // The rows after the last full period, one channel at a time.
   const int64_t tail_rows = (plan.rows * C - plan.tail_begin) / C;
@@ -329,6 +334,34 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
   return channel;
 }
 
+// A per-channel coefficient repeated over a period: the coefficient of every lane (and 0
+// in the lanes a ragged period's last vector has in excess).  Where the period is one row
+// of whole vectors, that is the per-channel array itself, used as it is (copying it for
+// each coefficient cost a tenth of the backward of 8x512x1x1); it must outlive the pattern.
+template <typename A>
+class LanePattern {
+ public:
+  LanePattern(const std::vector<A>& per_channel, const ChannelsLastPlan& plan) {
+    if (plan.period == plan.channels && !plan.ragged) {
+      data_ = per_channel.data();
+      return;
+    }
+    copy_.assign(plan.width, A(0));
+    for (int64_t l = 0; l < plan.period && !per_channel.empty(); l += plan.channels) {
+      std::copy(per_channel.begin(), per_channel.end(), copy_.begin() + l);
+    }
+    data_ = copy_.data();
+  }
+  LanePattern(const LanePattern&) = delete;  // data_ may point into copy_
+  LanePattern& operator=(const LanePattern&) = delete;
+
+  const A* data() const { return data_; }
+
+ private:
+  std::vector<A> copy_;
+  const A* data_;
+};
+
 // Per-channel sum(dz) and sum(dz * (x - mean)) of channels-last data, where dz is the
 // gradient at the batch norm's output: grad_at(i, k, n) for the n values (a whole vector,
 // or fewer at the end of a ragged period, the missing lanes 0) at index i, whose lanes
@@ -336,7 +369,7 @@ std::vector<Moments> channels_last_moments(const T* x, const ChannelsLastPlan& p
 // c after the last full period (see block_grad_sums).
 template <typename T, typename GradAt, typename GradAtValue>
 std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan& plan,
-                                              const std::vector<opmath_t<T>>& mean_pattern,
+                                              const LanePattern<opmath_t<T>>& mean_pattern,
                                               GradAt grad_at, GradAtValue grad_at_value) {
   using acc_t = opmath_t<T>;
   using Vec = Vectorized<acc_t>;
@@ -376,28 +409,21 @@ std::vector<GradSums> channels_last_grad_sums(const T* x, const ChannelsLastPlan
     }
   });
 
+  // Lanes into channels row by row, as channels_last_moments does.
   std::vector<GradSums> channel(C);
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const double* sums = chunk_sums.data() + chunk * 2 * P;
-    for (int64_t l = 0; l < P; ++l) merge(channel[l % C], {sums[l], sums[P + l]});
+    for (int64_t row = 0; row < P; row += C) {
+      for (int64_t c = 0; c < C; ++c) merge(channel[c], {sums[row + c], sums[P + row + c]});
+    }
   }
-  for (int64_t i = plan.tail_begin; i < plan.rows * C; ++i) {
-    const int64_t c = i % C;
-    const acc_t g = grad_at_value(i, c);
-    merge(channel[c], {double(g), double(g * (acc_t(x[i]) - mean_pattern[c]))});
+  for (int64_t row = plan.tail_begin; row < plan.rows * C; row += C) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t g = grad_at_value(row + c, c);
+      merge(channel[c], {double(g), double(g * (acc_t(x[row + c]) - mean_pattern.data()[c]))});
+    }
   }
   return channel;
-}
-
-// A per-channel coefficient repeated over a period: the coefficient of every lane (and 0
-// in the lanes a ragged period's last vector has in excess).
-template <typename A>
-std::vector<A> lane_pattern(const std::vector<A>& per_channel, const ChannelsLastPlan& plan) {
-  std::vector<A> pattern(plan.width, A(0));
-  for (int64_t l = 0; l < plan.period && !per_channel.empty(); l += plan.channels) {
-    std::copy(per_channel.begin(), per_channel.end(), pattern.begin() + l);
-  }
-  return pattern;
 }
 
 // out = f(c, in...) over all the data, where c holds the NP coefficients of each value's

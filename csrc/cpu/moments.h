@@ -31,6 +31,10 @@ inline double merged_mean(double a, double b, double delta, double a_share, doub
 
 inline void merge(Moments& a, const Moments& b) {
   if (b.count == 0) return;
+  if (a.count == 0) {  // what the formula gives, without its divisions
+    a = b;
+    return;
+  }
   const int64_t n = a.count + b.count;
   const double delta = b.mean - a.mean;
   const double a_share = static_cast<double>(a.count) / n;
