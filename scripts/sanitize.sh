@@ -50,6 +50,8 @@ cd "$out/lib"
 # Left to the normal run:
 # - the resident-memory soak (ASan's quarantine holds freed memory on purpose, so resident
 #   memory grows under it whatever the code does);
+# - fuse() on whole zoo models (30 s here, mostly Python: the fused kernels and the
+#   shapes they meet run in tests/test_fused.py) and page 10's table (Python arithmetic);
 # - the zoo's training comparisons (two SGD steps of deep nets, whose float32 rounding the
 #   nets amplify chaotically: judged against native's own error, they depend on the exact
 #   rounding of the build, and this one is compiled at -O1; every kernel path they take is
@@ -75,6 +77,8 @@ cd "$out/lib"
   --deselect "tests/test_tutorial.py::test_python_blocks_run_in_order[03-a-first-kernel.md]" \
   --deselect "tests/test_tutorial.py::test_python_blocks_run_in_order[11-into-torch-compile.md]" \
   --deselect tests/test_reliability.py::test_no_memory_growth_over_thousands_of_calls \
+  --deselect tests/test_fused.py::test_fuse_zoo_models \
+  --deselect tests/test_tutorial.py::test_page_10_table_is_what_measure_fused_makes_of_its_numbers \
   --deselect tests/test_zoo.py::test_trains_like_native \
   --deselect "tests/test_reliability.py::test_more_than_2_to_the_31_values_statistics[DEFAULT-channels first]" \
   --deselect "tests/test_reliability.py::test_more_than_2_to_the_31_values_statistics[DEFAULT-rows]" "$@"
