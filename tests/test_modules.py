@@ -240,3 +240,42 @@ def _pickled(module):
     torch.save(module, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_calls_reach_torch_function_and_dispatch_modes(training):
+    """The eager module call takes a short path to the operator (one Python frame less than
+    its OpOverload); torch function modes and dispatch modes still see the call, as they
+    see native's (a mode that changes the result shows that it ran), and the result is the
+    one without a mode."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    op = torch.ops.batchnorm_ext.batch_norm.default
+
+    class Doubling(TorchFunctionMode):  # doubles what our operator returns
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return out * 2 if func is op else out
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    ours, native = pair(batchnorm_ext.BatchNorm2d, torch.nn.BatchNorm2d, 3)
+    ours.train(training)
+    native.train(training)
+    x = make_input((4, 3, 5, 5), torch.float32)
+    with Doubling():
+        doubled = ours(x)
+    assert_close(doubled, 2 * native(x))
+    recording = Recording()
+    with recording:
+        y = ours(x)
+    assert_close(y, native(x))
+    # batch_norm is implicit-autograd: the mode sees the operator it calls
+    assert torch.ops.batchnorm_ext.batch_norm_forward.default in recording.ops, recording.ops
