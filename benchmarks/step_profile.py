@@ -10,6 +10,10 @@ as batch norm).  One thread; run with the warm allocator as bench.py does:
 
     MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=100000000000 \\
         python benchmarks/step_profile.py [resnet18|resnet50|...] [--batch 16] [--size 112]
+
+--operators N adds a table of the N operators and kernels with the most self time (ms per
+step), the variants side by side: where one variant loses to another (for resnet50 under
+the backend against native compiled: NCHW convolutions against channels-last ones).
 """
 import argparse
 import copy
@@ -46,6 +50,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS)
+    parser.add_argument("--operators", type=int, default=0, metavar="N",
+                        help="also list the N operators with the most self time, per variant")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tv = torchvision()
@@ -54,6 +60,7 @@ def main():
     native = getattr(tv.models, args.model)(num_classes=100).train().to(memory_format=fmt)
     x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=fmt)
     target = torch.randint(0, 100, (args.batch,))
+    per_operator = {}  # variant: {operator or kernel: ms per step}
     for variant in args.variants:
         model, call = prepare(variant, copy.deepcopy(native))
         sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -72,10 +79,23 @@ def main():
         shares = {}
         for event in profile.key_averages():
             shares[group(event.key)] = shares.get(group(event.key), 0) + event.self_cpu_time_total
+        per_operator[variant] = {event.key: event.self_cpu_time_total / args.steps / 1e3
+                                 for event in profile.key_averages()}
         total = sum(shares.values())
         print(f"{args.model} {args.layout} {variant}: {total / args.steps / 1e3:.1f} ms per step "
               "(profiled); " + ", ".join(f"{name} {100 * t / total:.0f}%"
                                          for name, t in sorted(shares.items())), flush=True)
+    if args.operators:
+        print_operators(per_operator, args.operators)
+
+
+def print_operators(per_operator, count):
+    """The `count` operators with the most self time in any variant, ms per step."""
+    names = set().union(*per_operator.values())
+    top = sorted(names, key=lambda n: -max(times.get(n, 0.0) for times in per_operator.values()))
+    print(f"\n{'operator (self time, ms per step)':60s}" + "".join(f"{v:>17s}" for v in per_operator))
+    for name in top[:count]:
+        print(f"{name[:60]:60s}" + "".join(f"{per_operator[v].get(name, 0.0):17.2f}" for v in per_operator))
 
 
 if __name__ == "__main__":
