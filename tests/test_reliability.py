@@ -170,6 +170,25 @@ def test_near_overflow(capability, dtype, big, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_double_input_with_a_mean_beyond_1e154(capability, layout):
+    """float64 values around 1.5e154: the mean's square overflows double, so Chan's merge
+    into an empty set must not multiply it by the empty count (inf * 0: an M2 of NaN, which
+    channels-last data got, and native does not).  Outputs and running statistics finite
+    and native's."""
+    x = 1.5e154 + 1e152 * torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    results = []
+    for fn in (batchnorm_ext.batch_norm, F.batch_norm):
+        running = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+        results.append([fn(x, *running, training=True), *running])
+    for name, ours, native in zip(["output", "running_mean", "running_var"], *results):
+        assert ours.isfinite().all(), name
+        # Both subtract a mean of ~1.5e154 from values ~1e152 apart: each rounds by about
+        # 150 (their ratio) times float64's eps, relative to the result.
+        torch.testing.assert_close(ours, native, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "inf and -inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_and_inf_propagate_as_native(capability, bad, dtype, layout):

@@ -31,7 +31,9 @@ inline double merged_mean(double a, double b, double delta, double a_share, doub
 
 inline void merge(Moments& a, const Moments& b) {
   if (b.count == 0) return;
-  if (a.count == 0) {  // what the formula gives, without its divisions
+  // Into an empty set: b as it is.  The formula gives the same but for a mean beyond
+  // 1e154 (double input), whose delta^2 overflows: delta^2 * 0 would make M2 NaN.
+  if (a.count == 0) {
     a = b;
     return;
   }
