@@ -36,20 +36,20 @@ inline Vectorized<double> batch_inverse_std(const Vectorized<double>& var, doubl
 
 // The per-channel arithmetic of a call with many channels and few values each is a large
 // part of it (8x512x1x1: one division and square root per channel, one at a time, were a
-// fifth of the training forward).  So where every channel is done at once, these run a
+// fifth of the training forward).  So where every channel is done at once, it runs a
 // vector of channels at a time; IEEE division and square root round exactly, so each value
 // is the one computed alone.
 
-// The batch variance M2 / count and invstd of every channel (training).
-inline void batch_variance_and_inverse_std(const double* m2, double count, double eps, int64_t C,
-                                           double* var, double* invstd) {
-  map_run<false>(var, C, [count](auto v) { return v / decltype(v)(count); }, m2);
-  map_run<false>(invstd, C, [eps](auto v) { return batch_inverse_std(v, eps); }, var);
+// batch_inverse_std of every channel's batch variance (training).
+inline std::vector<double> batch_inverse_stds(const double* var, double eps, int64_t C) {
+  std::vector<double> invstd(C);
+  map_run<false>(invstd.data(), C, [eps](auto v) { return batch_inverse_std(v, eps); }, var);
+  return invstd;
 }
 
 // invstd = 1 / sqrt(running_var + eps) of every channel, in acc_t as native (eval).
 template <typename A>
-std::vector<A> running_inverse_std(const A* running_var, double eps, int64_t C) {
+std::vector<A> running_inverse_stds(const A* running_var, double eps, int64_t C) {
   std::vector<A> invstd(C);
   map_run<false>(invstd.data(), C, [eps](auto v) {
     using Vec = decltype(v);
@@ -106,16 +106,25 @@ void forward_typed(const ForwardArgs& args) {
     const double var = m.m2 / double(m.count);
     set_batch_coefficients(c, m.mean, var, batch_inverse_std(var, args.eps));
   };
-  // ... or every channel's, each of the same count.
-  auto finish_all = [&](const std::vector<Moments>& moments, double count) {
-    std::vector<double> m2(C), var(C), invstd(C);
-    for (int64_t c = 0; c < C; ++c) m2[c] = moments[c].m2;
-    batch_variance_and_inverse_std(m2.data(), count, args.eps, C, var.data(), invstd.data());
-    for (int64_t c = 0; c < C; ++c) set_batch_coefficients(c, moments[c].mean, var[c], invstd[c]);
+  // ... or every channel's at once, from arrays of batch means and variances ...
+  auto finish_all = [&](const double* batch_mean, const double* var) {
+    const std::vector<double> invstd = batch_inverse_stds(var, args.eps, C);
+    for (int64_t c = 0; c < C; ++c) set_batch_coefficients(c, batch_mean[c], var[c], invstd[c]);
+  };
+  // ... or from every channel's statistics, each of g.count() values.
+  auto finish_moments = [&](const std::vector<Moments>& moments) {
+    std::vector<double> batch_mean(C), m2(C), var(C);
+    for (int64_t c = 0; c < C; ++c) {
+      batch_mean[c] = moments[c].mean;
+      m2[c] = moments[c].m2;
+    }
+    const double count = double(g.count());
+    map_run<false>(var.data(), C, [count](auto v) { return v / decltype(v)(count); }, m2.data());
+    finish_all(batch_mean.data(), var.data());
   };
   if (!args.training) {
     const P* running_mean = static_cast<const P*>(args.running_mean);
-    const std::vector<acc_t> invstd = running_inverse_std(static_cast<const P*>(args.running_var), args.eps, C);
+    const std::vector<acc_t> invstd = running_inverse_stds(static_cast<const P*>(args.running_var), args.eps, C);
     for (int64_t c = 0; c < C; ++c) {
       set_coefficients(c, acc_t(running_mean[c]), invstd[c]);
       shift[c] -= mean[c] * scale[c];
@@ -123,12 +132,7 @@ void forward_typed(const ForwardArgs& args) {
   }
   // Statistics of a larger batch given (SyncBatchNorm): used as if computed here.
   const bool given = args.training && args.batch_mean != nullptr;
-  if (given) {
-    // Moments of count 1 with M2 = var: var = M2 / count.
-    std::vector<Moments> moments(C);
-    for (int64_t c = 0; c < C; ++c) moments[c] = {1, args.batch_mean[c], args.batch_var[c]};
-    finish_all(moments, 1.0);
-  }
+  if (given) finish_all(args.batch_mean, args.batch_var);
   const bool stream = streams(y, g);
   // z for a vector or a single value, in training and in eval.
   auto centered = [](auto v, auto m, auto s, auto t) { return (v - m) * s + t; };
@@ -150,7 +154,7 @@ void forward_typed(const ForwardArgs& args) {
     const bool plane_order = args.training && !given &&
                              reduces_in_plane_order<T>(g, 1 + (y != nullptr) + (residual != nullptr));
     if (plane_order) {
-      finish_all(channels_first_plane_reduce<Moments>(g, moments), double(g.count()));
+      finish_moments(channels_first_plane_reduce<Moments>(g, moments));
     } else if (args.training && !given && !y) {  // statistics only
       channels_first_reduce_apply<Moments>(blocks, moments, finish, [](int64_t, const Block&) {});
       return;
@@ -196,7 +200,7 @@ void forward_typed(const ForwardArgs& args) {
 
   const ChannelsLastPlan plan(g, kLanes<T>);
   if (args.training && !given) {
-    finish_all(channels_last_moments(x, plan), double(g.count()));
+    finish_moments(channels_last_moments(x, plan));
   }
   if (y == nullptr) return;  // statistics only
   const LanePattern<acc_t> mean_p(mean, plan);
@@ -254,15 +258,13 @@ void backward_typed(const BackwardArgs& args) {
 
   // The statistics the forward normalized with.  The batch mean (double) is split into
   // mean (rounded to acc_t, subtracted from x exactly) and mean_low, the rest.
-  // invstd as the forward computed it (a vector of channels at a time, see
-  // batch_variance_and_inverse_std).
+  // invstd as the forward computed it.
   std::vector<acc_t> mean(C), invstd(C);
   std::vector<double> mean_low(C, 0.0);
   if (args.training) {
     const double* batch_mean = static_cast<const double*>(args.save_mean);
-    std::vector<double> batch_invstd(C);
-    map_run<false>(batch_invstd.data(), C, [eps = args.eps](auto v) { return batch_inverse_std(v, eps); },
-                   static_cast<const double*>(args.save_var));
+    const std::vector<double> batch_invstd =
+        batch_inverse_stds(static_cast<const double*>(args.save_var), args.eps, C);
     for (int64_t c = 0; c < C; ++c) {
       mean[c] = acc_t(batch_mean[c]);
       mean_low[c] = batch_mean[c] - double(mean[c]);
@@ -271,7 +273,7 @@ void backward_typed(const BackwardArgs& args) {
   } else {
     const P* running_mean = static_cast<const P*>(args.running_mean);
     for (int64_t c = 0; c < C; ++c) mean[c] = acc_t(running_mean[c]);
-    invstd = running_inverse_std(static_cast<const P*>(args.running_var), args.eps, C);
+    invstd = running_inverse_stds(static_cast<const P*>(args.running_var), args.eps, C);
   }
 
   // dx = k_dy * dz + k_x * (x - mean) + k_c.  In training the batch statistics depend on

@@ -201,6 +201,11 @@ void lane_sums_exact(const T* x, int64_t period, int64_t n, LaneSums<double>& ou
 template <bool kInfinite>
 inline void merge_lane(double& mean, double& m2, double other_mean, double other_m2,
                        double own_share, double other_share, double cross) {
+  if (own_share == 0) {  // into an empty lane: the other as it is (see merge in moments.h)
+    mean = other_mean;
+    m2 = other_m2;
+    return;
+  }
   const double delta = other_mean - mean;
   if constexpr (kInfinite) {
     mean = merged_mean(mean, other_mean, delta, own_share, other_share);
@@ -215,11 +220,6 @@ inline void merge_lane(double& mean, double& m2, double other_mean, double other
 template <bool kInfinite>
 void merge_lanes(double* mean, double* m2, int64_t count, const double* other_mean,
                  const double* other_m2, int64_t other_count, int64_t width) {
-  if (count == 0) {  // the first: taken as it is (see merge in moments.h)
-    std::copy(other_mean, other_mean + width, mean);
-    std::copy(other_m2, other_m2 + width, m2);
-    return;
-  }
   const double own_share = double(count) / double(count + other_count);
   const double other_share = double(other_count) / double(count + other_count);
   const double cross = double(count) * other_share;
@@ -238,14 +238,9 @@ void merge_block_lanes(double* mean, double* m2, int64_t count, const LaneSums<A
   const double inv_n = 1.0 / double(other_count);
   for (int64_t l = 0; l < width; ++l) {
     const double dev = block.dev[l];
-    const double block_mean = double(block.mean[l]) + dev * inv_n;
-    const double block_m2 = non_negative(double(block.sq[l]) - dev * dev * inv_n);
-    if (count == 0) {  // the first block: taken as it is (see merge in moments.h)
-      mean[l] = block_mean;
-      m2[l] = block_m2;
-    } else {
-      merge_lane<kInfinite>(mean[l], m2[l], block_mean, block_m2, own_share, other_share, cross);
-    }
+    merge_lane<kInfinite>(mean[l], m2[l], double(block.mean[l]) + dev * inv_n,
+                          non_negative(double(block.sq[l]) - dev * dev * inv_n), own_share,
+                          other_share, cross);
   }
 }
 
